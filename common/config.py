@@ -1,0 +1,501 @@
+"""Typed configuration for every role, with defaults in one place.
+
+Each role reads the same `Config`; a role uses only its own section plus `algo` and `task`. The CLI
+(`parse_cli`) starts from a preset (`--preset tiny|cpu-demo|gpu-cluster`) or a resolved config file
+(`--config-file runs/<name>/config.json`) and overrides any field with tyro flags such as
+`--algo.max-staleness 0` or `--actor.temperature 0.7`. `python run_async.py --help` lists them all.
+
+Validation lives in `__post_init__`: a bad value raises `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+AllocationMode = Literal["uniform", "reference", "neyman"]
+PriorityRefresh = Literal["continuous", "epoch"]
+ModulationScope = Literal["minibatch", "microbatch"]
+StabExpectation = Literal["exact", "parity"]
+ISMode = Literal["none", "truncate", "mask"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean"]
+EngineKind = Literal["hf", "sglang"]
+PauseMode = Literal["abort", "retract", "in_place"]
+AbortPolicy = Literal["resubmit", "drop"]
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The algorithm (SPEC.md): allocation, advantages, modulation, loss, staleness."""
+
+    allocation_mode: AllocationMode = "reference"
+    """How rollouts per prompt are chosen: `uniform` (plain GRPO, n_mean each), `reference` (DynaMO
+    water-filling on the Bernoulli-variance priority), `neyman` (the same on its square root)."""
+    n_mean: int = 8
+    """Mean rollouts per prompt; a wave of N prompts gets a budget of n_mean * N."""
+    n_min: int = 4
+    """Fewest rollouts any prompt gets."""
+    n_max: int = 12
+    """Most rollouts any prompt gets."""
+    initial_budget: int = 4
+    """Exploration budget: a prompt with fewer than max(n_min, initial_budget) scored responses is topped up first."""
+    min_history: int = 4
+    """Responses needed before a prompt's priority is known (below: priority -1)."""
+    mastery: float = 0.85
+    """Success rate at or above which a prompt gets the floor priority."""
+    priority_floor: float = 0.01
+    """Smallest priority of a known prompt."""
+    priority_refresh: PriorityRefresh = "continuous"
+    """`continuous`: recompute priorities at each allocation; `epoch`: only at epoch ends (paper parity)."""
+    stats_half_life: float = 0.0
+    """Exponential forgetting of per-prompt (G, k), half-life in responses; 0 disables forgetting."""
+
+    std_normalize: bool = True
+    """Divide group-centred rewards by the group std (GRPO); False gives Dr. GRPO."""
+    drop_zero_variance_groups: bool = True
+    """Do not train on groups whose rewards are all equal (counted in buffer/zero_variance_groups)."""
+    adora: bool = False
+    """ADORA group weighting: scale advantages of non-advantageous groups by adora_lambda."""
+    adora_lambda: float = 0.1
+    """ADORA weight for groups that are not temporarily advantageous."""
+    truncation_length: int = 0
+    """ADORA: responses at least this long count as truncated; 0 means actor.max_new_tokens."""
+
+    modulation: bool = True
+    """DynaMO token-level advantage modulation (beta_comp * beta_stab)."""
+    modulation_scope: ModulationScope = "minibatch"
+    """Tokens over which H_min/H_max and max Xi are taken: the optimizer mini-batch or the micro-batch (parity)."""
+    comp_alpha: float = 0.2
+    """Compensation strength alpha of beta_comp."""
+    stab_lambda_min: float = 0.6
+    """Lower bound of beta_stab."""
+    stab_gamma: float = 50.0
+    """Sigmoid steepness of beta_stab."""
+    stab_tau: float = 0.99
+    """Sigmoid centre of beta_stab (fraction of the scope's max entropy change)."""
+    stab_expectation: StabExpectation = "exact"
+    """E_pi[pi*Lambda]: `exact` from the full distribution, `parity` = reference approximation."""
+
+    clip_eps_low: float = 0.2
+    """PPO clip range below 1."""
+    clip_eps_high: float = 0.28
+    """PPO clip range above 1 (clip-higher)."""
+    dual_clip_c: float = 10.0
+    """Dual-clip bound for negative advantages (0 disables)."""
+    is_mode: ISMode = "truncate"
+    """Behaviour-policy correction: none, truncate (w = min(pi_prox/mu, is_cap)) or mask (drop outside [1/cap, cap])."""
+    is_cap: float = 2.0
+    """Truncation cap C_is of the importance weight pi_prox/mu."""
+    loss_aggregation: LossAggregation = "token-mean"
+    """token-mean over all valid tokens of the optimizer step, or seq-mean-token-mean."""
+    kl_coef: float = 0.0
+    """Coefficient of a k3 KL(pi_theta || mu) penalty; 0 disables."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient; 0 disables."""
+
+    max_staleness: int = 2
+    """Most policy versions a trained group may lag the learner; 0 = synchronous on-policy."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.n_min, "algo.n_min", f"must be >= 1, got {self.n_min}")
+        _check(self.n_min <= self.n_mean <= self.n_max, "algo.n_mean",
+               f"need n_min <= n_mean <= n_max, got {self.n_min} <= {self.n_mean} <= {self.n_max}")
+        _check(self.initial_budget >= 0, "algo.initial_budget", "must be >= 0")
+        _check(self.min_history >= 2, "algo.min_history", "must be >= 2 (variance needs two samples)")
+        _check(0.0 < self.mastery <= 1.0, "algo.mastery", f"must be in (0, 1], got {self.mastery}")
+        _check(0.0 < self.priority_floor < 1.0, "algo.priority_floor", "must be in (0, 1)")
+        _check(self.stats_half_life >= 0, "algo.stats_half_life", "must be >= 0")
+        _check(0.0 <= self.adora_lambda <= 1.0, "algo.adora_lambda", "must be in [0, 1]")
+        _check(self.truncation_length >= 0, "algo.truncation_length", "must be >= 0")
+        _check(self.comp_alpha >= 0, "algo.comp_alpha", "must be >= 0")
+        _check(0.0 < self.stab_lambda_min <= 1.0, "algo.stab_lambda_min", "must be in (0, 1]")
+        _check(self.stab_gamma > 0, "algo.stab_gamma", "must be > 0")
+        _check(0.0 < self.clip_eps_low < 1.0, "algo.clip_eps_low", f"must be in (0, 1), got {self.clip_eps_low}")
+        _check(self.clip_eps_high > 0, "algo.clip_eps_high", f"must be > 0, got {self.clip_eps_high}")
+        _check(self.dual_clip_c == 0 or self.dual_clip_c > 1, "algo.dual_clip_c", "must be 0 (off) or > 1")
+        _check(self.is_cap >= 1.0, "algo.is_cap", f"must be >= 1, got {self.is_cap}")
+        _check(self.kl_coef >= 0 and self.entropy_coef >= 0, "algo.kl_coef", "coefficients must be >= 0")
+        _check(self.max_staleness >= 0, "algo.max_staleness", f"must be >= 0, got {self.max_staleness}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Where prompts come from and how answers are checked."""
+
+    source: Literal["reasoning_gym", "jsonl"] = "reasoning_gym"
+    """`reasoning_gym` (procedural, scored by the dataset's scorer) or `jsonl` (local JSONL/Parquet, math-verify)."""
+    name: str = "basic_arithmetic"
+    """reasoning-gym dataset name."""
+    params_json: str = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
+    """reasoning-gym dataset parameters as a JSON object."""
+    size: int = 256
+    """Training prompts."""
+    eval_size: int = 64
+    """Held-out evaluation prompts (disjoint seed)."""
+    seed: int = 0
+    """Seed of the procedural dataset (training uses seed, evaluation seed + 1_000_003)."""
+    path: str = ""
+    """Local dataset file (.jsonl or .parquet) when source = jsonl."""
+    prompt_field: str = "prompt"
+    """Field of a local dataset row holding the question."""
+    answer_field: str = "answer"
+    """Field of a local dataset row holding the reference answer."""
+    eval_fraction: float = 0.1
+    """Fraction of a local dataset held out for evaluation."""
+    system_prompt: str = "Answer with the final number only."
+    """System message put before each question ('' for none)."""
+    use_chat_template: bool = True
+    """Apply the tokenizer's chat template (False: raw `question` text)."""
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 1, "task.size", "must be >= 1")
+        _check(self.eval_size >= 0, "task.eval_size", "must be >= 0")
+        _check(0.0 <= self.eval_fraction < 1.0, "task.eval_fraction", "must be in [0, 1)")
+        try:
+            params = json.loads(self.params_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"task.params_json: not valid JSON ({exc})") from None
+        _check(isinstance(params, dict), "task.params_json", "must be a JSON object")
+        _check(self.source != "jsonl" or bool(self.path), "task.path", "required when task.source = jsonl")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json)
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """The replay-buffer service."""
+
+    address: str = "tcp://127.0.0.1:5555"
+    """ZeroMQ endpoint the buffer binds (port 0 in tests picks a free one)."""
+    wave_size: int = 8
+    """Prompts per allocation wave (the N of SPEC §1)."""
+    lease_timeout_s: float = 300.0
+    """Seconds before an unsubmitted lease expires and its prompts return to the pool."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest accepted message; larger ones are rejected and counted."""
+    max_queued_groups: int = 4096
+    """Back-pressure: no new leases while this many groups wait for the learner."""
+    snapshot_path: str = ""
+    """Snapshot file; '' means <run_dir>/buffer_snapshot.msgpack (or none when run alone without a run dir)."""
+    snapshot_interval_s: float = 30.0
+    """Seconds between periodic snapshots."""
+    seed: int = 0
+    """Seed of the per-epoch prompt order."""
+    curve_secret_key_file: str = ""
+    """ZeroMQ CURVE server secret key file (enables authentication); '' binds without CURVE."""
+    curve_public_keys_dir: str = ""
+    """Directory of authorised client public keys (with curve_secret_key_file)."""
+
+    def __post_init__(self) -> None:
+        _check(self.address.startswith(("tcp://", "ipc://", "inproc://")), "buffer.address",
+               f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {self.address!r}")
+        _check(self.wave_size >= 1, "buffer.wave_size", "must be >= 1")
+        _check(self.lease_timeout_s > 0, "buffer.lease_timeout_s", "must be > 0")
+        _check(self.max_message_bytes >= 1024, "buffer.max_message_bytes", "must be >= 1024")
+        _check(self.max_queued_groups >= 1, "buffer.max_queued_groups", "must be >= 1")
+        _check(self.snapshot_interval_s > 0, "buffer.snapshot_interval_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """Rollout generation."""
+
+    engine: EngineKind = "hf"
+    """`hf` (transformers, any machine) or `sglang` (GPU servers over HTTP)."""
+    num_actors: int = 1
+    """Actor processes started by run_async.py."""
+    prompts_per_lease: int = 8
+    """Prompts an actor asks for at a time."""
+    max_batch_sequences: int = 64
+    """Largest number of sequences the HF engine samples in one batch."""
+    max_new_tokens: int = 16
+    """Longest response in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (behaviour log-probs are at this temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Engine dtype."""
+    device: str = "auto"
+    """`auto` (cuda if available, else cpu), `cpu` or `cuda:N`."""
+    threads: int = 0
+    """torch CPU threads for the engine (0: torch's default)."""
+    sglang_urls: tuple[str, ...] = ()
+    """Existing SGLang servers to attach to; empty with engine=sglang launches one per actor."""
+    sglang_tp_size: int = 1
+    """Tensor-parallel size of each launched SGLang server."""
+    sglang_pause_mode: PauseMode = "retract"
+    """How SGLang pauses for a weight update."""
+    abort_policy: AbortPolicy = "resubmit"
+    """Aborted SGLang requests: resubmit or drop (never scored as wrong)."""
+    max_restarts: int = 3
+    """Times run_async.py restarts a dead actor."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_actors >= 1, "actor.num_actors", "must be >= 1")
+        _check(self.prompts_per_lease >= 1, "actor.prompts_per_lease", "must be >= 1")
+        _check(self.max_batch_sequences >= 1, "actor.max_batch_sequences", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "actor.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "actor.temperature", f"must be > 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "actor.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.threads >= 0, "actor.threads", "must be >= 0")
+        _check(self.sglang_tp_size >= 1, "actor.sglang_tp_size", "must be >= 1")
+        _check(self.max_restarts >= 0, "actor.max_restarts", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Optimisation and weight broadcast."""
+
+    groups_per_step: int = 8
+    """Groups consumed by one optimizer step (one policy version)."""
+    mini_batches: int = 1
+    """Optimizer steps per batch (PPO-style); >1 makes pi_prox differ from pi_theta."""
+    micro_batch_tokens: int = 4096
+    """Token budget (padded sequence length x rows) of one forward/backward micro-batch."""
+    total_steps: int = 40
+    """Learner steps in the run."""
+    lr: float = 2e-5
+    """AdamW learning rate (constant after warm-up)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Learner parameter dtype."""
+    device: str = "auto"
+    """`auto`, `cpu` or `cuda:N`."""
+    threads: int = 0
+    """torch CPU threads for the learner (0: torch's default)."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (0: only at the end and on SIGTERM)."""
+    sync_address: str = "127.0.0.1:29555"
+    """host:port of the weight-sync TCP rendezvous (learner is rank 0)."""
+    sync_control_address: str = "tcp://127.0.0.1:29556"
+    """ZeroMQ PUB endpoint on which the learner announces each weight version."""
+    sync_group_name: str = "dynamo_weights"
+    """Name of the weight-sync process group."""
+    sync_bucket_mb: int = 256
+    """Bucket size of the weight broadcast in MB."""
+    sync_timeout_s: float = 120.0
+    """A receiver that does not finish a broadcast within this time is dropped from the group."""
+    fetch_timeout_s: float = 600.0
+    """Longest wait for a batch before the learner reports the buffer as stuck."""
+
+    def __post_init__(self) -> None:
+        _check(self.groups_per_step >= 1, "learner.groups_per_step", "must be >= 1")
+        _check(self.mini_batches >= 1, "learner.mini_batches", "must be >= 1")
+        _check(self.groups_per_step % self.mini_batches == 0, "learner.mini_batches",
+               f"must divide groups_per_step ({self.groups_per_step}), got {self.mini_batches}")
+        _check(self.micro_batch_tokens >= 1, "learner.micro_batch_tokens", "must be >= 1")
+        _check(self.total_steps >= 1, "learner.total_steps", "must be >= 1")
+        _check(self.lr > 0, "learner.lr", f"must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
+        _check(self.checkpoint_every >= 0, "learner.checkpoint_every", "must be >= 0")
+        _check(":" in self.sync_address, "learner.sync_address", "must be host:port")
+        _check(self.sync_bucket_mb >= 1, "learner.sync_bucket_mb", "must be >= 1")
+        _check(self.sync_timeout_s > 0, "learner.sync_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run as a whole."""
+
+    name: str = ""
+    """Run name; '' picks <preset>-<timestamp>. The run directory is <runs_dir>/<name>."""
+    runs_dir: str = "runs"
+    """Parent directory of run directories."""
+    model: str = "smollm2"
+    """`smollm2` (embedded SmolLM2-135M-Instruct), `tiny` (random tiny model), or a local HF model path."""
+    seed: int = 0
+    """Global seed."""
+    wandb_mode: WandbMode = "offline"
+    """wandb mode; metrics.jsonl is always written."""
+    wandb_project: str = "dynamo-rl"
+    """wandb project name."""
+    eval_every: int = 10
+    """Learner steps between held-out evaluations (0: only at start and end)."""
+    eval_samples: int = 4
+    """Samples per eval prompt for pass@k (pass@1 uses greedy decoding)."""
+    resume: str = ""
+    """Run directory to resume (continues its checkpoint and buffer snapshot)."""
+
+    def __post_init__(self) -> None:
+        _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
+        _check(self.eval_samples >= 1, "run.eval_samples", "must be >= 1")
+        _check("/" not in self.name, "run.name", "must not contain '/'")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; every role reads the same resolved file."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    algo: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.algo.n_max * self.buffer.wave_size >= 1, "buffer.wave_size", "empty waves")
+
+    @property
+    def truncation_length(self) -> int:
+        """ADORA truncation threshold in tokens (defaults to the generation limit)."""
+        return self.algo.truncation_length or self.actor.max_new_tokens
+
+
+def _tiny() -> Config:
+    """Random tiny model on a task it can learn quickly; used by the end-to-end tests (< 2 min)."""
+    return Config(
+        run=RunConfig(model="tiny", eval_every=5, eval_samples=2),
+        algo=AlgorithmConfig(n_mean=4, n_min=2, n_max=6, initial_budget=2, max_staleness=2),
+        task=TaskConfig(size=32, eval_size=16),
+        buffer=BufferConfig(wave_size=4, lease_timeout_s=30.0, snapshot_interval_s=5.0),
+        actor=ActorConfig(prompts_per_lease=4, max_new_tokens=4, dtype="float32"),
+        learner=LearnerConfig(groups_per_step=4, total_steps=30, lr=3e-3, checkpoint_every=10),
+    )
+
+
+def _cpu_demo() -> Config:
+    """The embedded default: SmolLM2-135M-Instruct on 2-term 1-digit arithmetic, ~15 min on 2 CPU cores."""
+    return Config()
+
+
+def _gpu_cluster() -> Config:
+    """A starting point for a GPU node: SGLang engines, bigger batches, the paper's allocation bounds."""
+    return Config(
+        run=RunConfig(model="Qwen/Qwen2.5-Math-1.5B", eval_every=20),
+        algo=AlgorithmConfig(n_mean=16, n_min=8, n_max=24, initial_budget=4, max_staleness=4),
+        task=TaskConfig(size=8192, eval_size=512, system_prompt="Put the final answer in \\boxed{}."),
+        buffer=BufferConfig(wave_size=64, address="tcp://0.0.0.0:5555"),
+        actor=ActorConfig(engine="sglang", num_actors=2, prompts_per_lease=64, max_new_tokens=4096),
+        learner=LearnerConfig(groups_per_step=512, mini_batches=16, micro_batch_tokens=32768, total_steps=500,
+                              lr=1e-6, warmup_steps=10, weight_decay=0.1, dtype="bfloat16"),
+    )
+
+
+PRESETS = {"tiny": _tiny, "cpu-demo": _cpu_demo, "gpu-cluster": _gpu_cluster}
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _reject_unknown_keys(data: Any, cls: type, prefix: str) -> None:
+    if not isinstance(data, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"config: unknown field {prefix}{key!r}")
+        sub = fields[key].type
+        sub_cls = globals().get(sub) if isinstance(sub, str) else sub
+        if dataclasses.is_dataclass(sub_cls):
+            _reject_unknown_keys(value, sub_cls, f"{prefix}{key}.")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a validated Config from a (possibly partial) nested dict; unknown keys are errors."""
+    import msgspec
+
+    _reject_unknown_keys(data, Config, "")
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config: {exc}") from None
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    return config_from_dict(data)
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
+    """Remove `--name value` or `--name=value` from argv and return the value."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{name} needs a value")
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if arg.startswith(name + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def base_config(argv: list[str]) -> Config:
+    """The starting point named by --preset or --config-file (removed from argv); cpu-demo otherwise."""
+    preset = _pop_option(argv, "--preset")
+    config_file = _pop_option(argv, "--config-file")
+    if preset is not None and config_file is not None:
+        raise ConfigError("give --preset or --config-file, not both")
+    if config_file is not None:
+        return load_config(config_file)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[preset or "cpu-demo"]()
+
+
+def parse_cli(argv: Sequence[str] | None = None, description: str | None = None) -> Config:
+    """Parse `[--preset NAME | --config-file PATH] [--section.field VALUE ...]` into a validated Config."""
+    import tyro
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        default = base_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    extra = (
+        "Start from --preset {" + ",".join(PRESETS) + "} (default cpu-demo) or --config-file PATH, "
+        "then override any field below."
+    )
+    try:
+        return tyro.cli(Config, args=args, default=default,
+                        description=(description + "\n\n" if description else "") + extra)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Return cfg with fields of named sections replaced, e.g. with_overrides(cfg, algo={"max_staleness": 0})."""
+    updates = {name: replace(getattr(cfg, name), **values) for name, values in sections.items()}
+    return replace(cfg, **updates)

@@ -1,0 +1,84 @@
+"""Metrics: one JSON line per record in <run_dir>/metrics.jsonl, mirrored to wandb (offline by default).
+
+Names follow `namespace/quantity[/reduction]` with the namespaces of NAMESPACES. Every record carries the
+writing role and a step, so several processes can append to the same file (each line is written with a single
+O_APPEND write, which does not interleave for lines of this size). Each role gets its own wandb run in a group
+named after the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+NAMESPACES = ("rollout", "reward", "loss", "optim", "buffer", "allocation", "modulation", "perf", "time", "eval")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path | None, role: str, wandb_mode: str = "disabled",
+                 wandb_project: str = "dynamo-rl", config: Mapping[str, Any] | None = None):
+        self.role = role
+        self.path = Path(run_dir) / "metrics.jsonl" if run_dir else None
+        self._fd: int | None = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._wandb = None
+        if wandb_mode != "disabled" and run_dir:
+            self._wandb = _init_wandb(Path(run_dir), role, wandb_mode, wandb_project, config)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Write one record; non-finite floats become null in JSON (and are skipped for wandb)."""
+        for key in metrics:
+            if key.split("/", 1)[0] not in NAMESPACES:
+                raise ValueError(f"metric {key!r}: namespace must be one of {NAMESPACES}")
+        clean = {k: _jsonable(v) for k, v in metrics.items()}
+        record = {"role": self.role, "step": int(step), "time": time.time(), **clean}
+        if self._fd is not None:
+            os.write(self._fd, (json.dumps(record) + "\n").encode())
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=int(step))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _init_wandb(run_dir: Path, role: str, mode: str, project: str, config: Mapping[str, Any] | None) -> Any:
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=project, dir=str(run_dir), mode=mode, group=run_dir.name, job_type=role,
+                      name=f"{run_dir.name}-{role}", config=dict(config or {}), reinit="create_new")
+
+
+def read_metrics(path: str | Path, role: str | None = None) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (optionally of one role), in file order."""
+    records = []
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                if role is None or rec.get("role") == role:
+                    records.append(rec)
+    return records
