@@ -213,7 +213,7 @@ def decode_message(data: bytes, kind: str = "any", max_bytes: int | None = None)
         msg = _decoders[kind].decode(data)
     except msgspec.ValidationError as exc:
         raise WireError("invalid", f"message: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise WireError("malformed", f"message: not valid MessagePack ({exc})") from None
     if msg.schema != SCHEMA_VERSION:
         raise WireError("schema_version",
