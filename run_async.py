@@ -1,19 +1,111 @@
-"""Start and supervise the whole system (buffer, actors, learner) in one command.
+"""Start and supervise the whole system — buffer, actors, learner — in one command.
 
-Placeholder until the run issue lands: it only resolves and prints the configuration.
-Run: `python run_async.py [--preset tiny|cpu-demo|gpu-cluster] [--section.field VALUE ...]`.
+    python run_async.py                              # embedded default (cpu-demo): SmolLM2-135M, arithmetic
+    python run_async.py --preset tiny                # random tiny model, < 2 minutes
+    python run_async.py --algo.max-staleness 0       # synchronous on-policy baseline
+    python run_async.py --resume runs/<name>         # continue a stopped run
+    python run_async.py --help                       # every knob
+
+The story: resolve the config → write it into runs/<name>/ → start the buffer and wait until it answers → start
+the learner and the actors (each a plain `python -m ...` child with its own log) → watch them, printing one
+progress line per refresh, restarting dead actors → when the learner finishes (or on Ctrl-C) shut down in order:
+learner (checkpoint), actors, buffer (snapshot) → print held-out accuracy at start and end.
 """
 
-import json
+from __future__ import annotations
 
-from common.config import config_to_dict, parse_cli
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from common.config import Config, ConfigError, parse_cli, save_config, with_overrides
+
+REFRESH_S = 5.0
 
 
-def main() -> None:
-    cfg = parse_cli(description=__doc__)
-    print(json.dumps(config_to_dict(cfg), indent=2))
-    print("run_async.py is a placeholder: the buffer, actor and learner roles are not wired up yet.")
+def resolve_config(argv: Sequence[str]) -> Config:
+    """Parse the CLI; `--resume RUN_DIR` starts from that run's saved config."""
+    from common.config import _pop_option
+
+    args = list(argv)
+    try:
+        resume = _pop_option(args, "--resume")
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if resume is None:
+        return parse_cli(args, description=__doc__)
+    run_dir = Path(resume)
+    if not (run_dir / "config.json").exists():
+        raise SystemExit(f"error: --resume {resume}: no config.json there (is it a run directory?)")
+    cfg = parse_cli(["--config-file", str(run_dir / "config.json"), *args], description=__doc__)
+    return with_overrides(cfg, run={"resume": str(run_dir), "name": run_dir.name,
+                                    "runs_dir": str(run_dir.parent)})
+
+
+def prepare_run_dir(cfg: Config) -> tuple[Config, Path]:
+    """Name the run, pick free ports where asked (port 0) or where a loopback default is busy, save config.json."""
+    from common.addresses import resolve_ports
+
+    name = cfg.run.name or f"{_preset_name()}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = with_overrides(cfg, run={"name": name})
+    run_dir = Path(cfg.run.runs_dir) / name
+    if run_dir.exists() and not cfg.run.resume and (run_dir / "config.json").exists():
+        raise SystemExit(f"error: {run_dir} already holds a run; pick another --run.name or use --resume {run_dir}")
+    cfg = resolve_ports(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    save_config(cfg, run_dir / "config.json")
+    return cfg, run_dir
+
+
+def _preset_name() -> str:
+    for i, arg in enumerate(sys.argv):
+        if arg == "--preset" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return "cpu-demo"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = resolve_config(sys.argv[1:] if argv is None else argv)
+    cfg, run_dir = prepare_run_dir(cfg)
+    from common.progress import ProgressPrinter, final_report
+    from common.supervisor import RoleFailed, Supervisor
+
+    printer = ProgressPrinter(run_dir, cfg)
+    printer.console.print(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})")
+    supervisor = Supervisor(cfg, run_dir)
+    stop_requested = _install_signal_handlers()
+    outcome = "failed"
+    try:
+        supervisor.start_buffer()
+        supervisor.start_learner()
+        supervisor.start_actors()
+        outcome = supervisor.watch(stop_requested, on_tick=printer.tick, refresh_s=REFRESH_S)
+    except RoleFailed as exc:
+        printer.console.print(f"[bold red]run stopped:[/] {exc}")
+    finally:
+        supervisor.shutdown()
+    printer.tick(supervisor.buffer_stats())
+    return final_report(run_dir, cfg, outcome, printer.console)
+
+
+def _install_signal_handlers() -> list[bool]:
+    """Ctrl-C / SIGTERM set a flag that the watch loop turns into an ordered shutdown."""
+    flag = [False]
+
+    def handler(signum, frame):
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return flag
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Child-process management for run_async.py: one `RoleProcess` per role, each with its own log file.
+
+Children are started as plain `python -m <module> ...` so any role can equally be run by hand or under a debugger.
+On Linux each child asks the kernel to SIGTERM it if the supervisor dies (PR_SET_PDEATHSIG), so even a
+`kill -9` of the supervisor leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class RoleProcess:
+    """A supervised child: start, restart, poll, terminate, with stdout+stderr in `log_path`."""
+
+    def __init__(self, name: str, module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.module = module
+        self.args = args
+        self.log_path = log_path
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        log.write(f"\n=== start {self.name} (restart {self.restarts}) at {time.ctime()} ===\n".encode())
+        log.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     cwd=Path(__file__).resolve().parents[1], preexec_fn=preexec)
+        log.close()
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def returncode(self) -> int | None:
+        """None while running; the exit status (negative: killed by that signal) once it has exited."""
+        return None if self.proc is None else self.proc.poll()
+
+    def terminate(self, timeout_s: float) -> int | None:
+        """SIGTERM, wait up to timeout_s, then SIGKILL. Returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.returncode()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host if host not in ("*", "0.0.0.0") else "0.0.0.0", port))
+        except OSError:
+            return True
+        return False

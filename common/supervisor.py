@@ -1,0 +1,121 @@
+"""The supervisor behind run_async.py: starts the roles, watches them, restarts actors, shuts down in order.
+
+Policy: a dead actor is restarted (up to actor.max_restarts times; the buffer re-issues its lease when it
+expires); a dead buffer or learner stops the run with a message naming its log. Shutdown order: learner first (it
+checkpoints and asks the buffer for a snapshot), then actors, then the buffer (it writes its final snapshot).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from common.addresses import connect_address
+from common.config import Config
+from common.processes import RoleProcess
+
+BUFFER_READY_TIMEOUT_S = 120.0
+
+
+class RoleFailed(RuntimeError):
+    """A role that the run cannot go on without has died; the message names its log."""
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        config_file = str(run_dir / "config.json")
+        common = ["--config-file", config_file, "--run-dir", str(run_dir)]
+        logs = run_dir / "logs"
+        self.buffer = RoleProcess("buffer", "buffer.server", common, logs / "buffer.log")
+        learner_args = common + (["--resume"] if cfg.run.resume else [])
+        self.learner = RoleProcess("learner", "learner.train", learner_args, logs / "learner.log")
+        self.actors = [
+            RoleProcess(f"actor{i}", "actor.worker", common + ["--actor-index", str(i)], logs / f"actor{i}.log")
+            for i in range(cfg.actor.num_actors)
+        ]
+        self._client: Any = None
+
+    # ------------------------------------------------------------------------------------------- start
+
+    def start_buffer(self) -> None:
+        self.buffer.start()
+        deadline = time.monotonic() + BUFFER_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self._check_alive(self.buffer)
+            if self.buffer_stats():
+                return
+            time.sleep(0.3)
+        raise RoleFailed(f"buffer did not answer within {BUFFER_READY_TIMEOUT_S:.0f} s; see {self.buffer.log_path}")
+
+    def start_learner(self) -> None:
+        self.learner.start()
+
+    def start_actors(self) -> None:
+        for actor in self.actors:
+            actor.start()
+
+    # ------------------------------------------------------------------------------------------- watch
+
+    def watch(self, stop_requested: list[bool], on_tick: Callable[[dict], None], refresh_s: float) -> str:
+        """Run until the learner finishes ('completed'), a stop is requested ('stopped') or a role fails."""
+        next_tick = time.monotonic()
+        while not stop_requested[0]:
+            code = self.learner.returncode()
+            if code == 0:
+                return "completed"
+            if code is not None:
+                raise RoleFailed(f"learner exited with status {code}; see {self.learner.log_path}\n"
+                                 f"{self.learner.log_tail()}")
+            self._check_alive(self.buffer)
+            self._restart_dead_actors()
+            if time.monotonic() >= next_tick:
+                on_tick(self.buffer_stats())
+                next_tick = time.monotonic() + refresh_s
+            time.sleep(0.2)
+        return "stopped"
+
+    def _check_alive(self, role: RoleProcess) -> None:
+        code = role.returncode()
+        if code is not None:
+            raise RoleFailed(f"{role.name} exited with status {code}; see {role.log_path}\n{role.log_tail()}")
+
+    def _restart_dead_actors(self) -> None:
+        for actor in self.actors:
+            code = actor.returncode()
+            if code is None:
+                continue
+            if actor.restarts >= self.cfg.actor.max_restarts:
+                raise RoleFailed(f"{actor.name} died {actor.restarts + 1} times (last status {code}); "
+                                 f"see {actor.log_path}\n{actor.log_tail()}")
+            print(f"{actor.name} exited with status {code}; restarting ({actor.restarts + 1}/"
+                  f"{self.cfg.actor.max_restarts}); log: {actor.log_path}", flush=True)
+            actor.restart()
+
+    def buffer_stats(self) -> dict:
+        """The buffer's counters, or {} if it does not answer right now."""
+        from buffer.client import BufferClient, BufferTimeout
+
+        if self._client is None:
+            self._client = BufferClient(connect_address(self.cfg.buffer.address), timeout_s=2.0)
+        try:
+            return self._client.stats()
+        except BufferTimeout:
+            return {}
+
+    # ------------------------------------------------------------------------------------------- stop
+
+    def shutdown(self) -> None:
+        """Learner (checkpoint), then actors, then buffer (final snapshot); SIGKILL whatever hangs."""
+        self.learner.terminate(timeout_s=120.0)
+        for actor in self.actors:
+            actor.terminate(timeout_s=30.0)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self.buffer.terminate(timeout_s=30.0)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in (self.buffer, self.learner, *self.actors) if p.pid is not None]
