@@ -1,0 +1,572 @@
+"""The replay buffer's state machine, free of ZeroMQ so it can be tested directly.
+
+`BufferState` holds everything the buffer knows: the prompt pool with per-prompt statistics (G responses, k correct,
+optionally with exponential forgetting), the epoch order, waves of allocated work, live leases, the FIFO queue of
+groups waiting for the learner, and counters. The server (`buffer/server.py`) decodes a request, calls one method
+here and encodes what it returns; a rejected request raises `Rejection(code, message)`.
+
+Life of a prompt: epoch order -> wave (n_i from `allocate_rollouts`) -> `pending` -> leased (in flight) ->
+submitted group -> queue -> served to the learner (or dropped: zero variance / too stale). An expired or released
+lease puts its prompts back at the front of `pending` with the n they were allocated.
+
+Admission control (SPEC §5): a lease of m prompts fits only if
+    served + queued + in_flight + m <= (policy_version + max_staleness + 1) * groups_per_step,
+where `served` counts only groups handed to the learner (dropped groups free their slot, or the learner starves).
+
+Time is passed in explicitly (`now`, monotonic seconds) so tests can drive expiry without sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import msgspec
+from common.config import Config, config_from_dict, config_to_dict
+from common.schemas import (
+    VERSION_DTYPE,
+    Batch,
+    Group,
+    LeaseGrant,
+    ServedGroup,
+    SubmitAck,
+    WireError,
+    WorkItem,
+    decode_array,
+    validate_sample,
+)
+
+SNAPSHOT_FORMAT = 1
+ALLOCATION_HISTORY = 16
+"""Recent allocations remembered per prompt (for inspection)."""
+RETIRED_LEASES_KEPT = 16384
+"""Finished/expired lease ids remembered so that late or duplicate submissions get a precise rejection."""
+
+
+class Rejection(Exception):
+    """A request the buffer refuses; `code` is short and machine-readable, the message names the field."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A training prompt as the buffer hands it out."""
+
+    prompt_id: str
+    question: str
+    answer: str
+    metadata_json: str = "{}"
+
+
+class PromptStats(msgspec.Struct, kw_only=True):
+    """Per-prompt statistics. `samples`/`correct` are G/k (decayed when algo.stats_half_life > 0)."""
+
+    samples: float = 0.0
+    correct: float = 0.0
+    total_samples: int = 0
+    total_correct: int = 0
+    leases: int = 0
+    allocations: list[int] = msgspec.field(default_factory=list)
+
+
+class PendingItem(msgspec.Struct, array_like=True):
+    prompt_id: str
+    n: int
+
+
+class QueuedGroup(msgspec.Struct, array_like=True):
+    group: Group
+    arrival: int
+    min_version: int
+
+
+class RetiredLease(msgspec.Struct, array_like=True):
+    reason: str  # completed | expired | released | restart
+    done: list[str]
+
+
+class Counters(msgspec.Struct, kw_only=True):
+    """Monotone counters (persisted). Stats replies add the gauges (queue_depth, in_flight, ...)."""
+
+    leases_granted: int = 0
+    leases_expired: int = 0
+    leases_released: int = 0
+    lease_waits: dict[str, int] = msgspec.field(default_factory=dict)
+    prompts_leased: int = 0
+    prompts_returned: int = 0
+    waves_allocated: int = 0
+    groups_received: int = 0
+    groups_rejected: dict[str, int] = msgspec.field(default_factory=dict)
+    groups_zero_variance: int = 0
+    groups_dropped_stale: int = 0
+    groups_served: int = 0
+    samples_received: int = 0
+    staleness_hist: dict[int, int] = msgspec.field(default_factory=dict)
+    messages_bad: int = 0
+    errors: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    """Everything that survives a restart. Leases in flight at snapshot time are already folded into `pending`."""
+
+    format: int = SNAPSHOT_FORMAT
+    config_json: str
+    saved_at: float
+    policy_version: int
+    epoch: int
+    epoch_order: list[str]
+    epoch_pos: int
+    pending: list[PendingItem]
+    stats: dict[str, PromptStats]
+    epoch_stats: dict[str, tuple[float, float]]
+    counters: Counters
+    queue: list[QueuedGroup]
+    retired: dict[int, RetiredLease]
+    next_lease_id: int
+    next_arrival: int
+
+
+@dataclass
+class Lease:
+    lease_id: int
+    actor_id: str
+    open: dict[str, int]  # prompt_id -> n, not yet submitted
+    deadline: float
+    policy_version: int
+    done: list[str] = field(default_factory=list)
+
+
+def _bump(counts: dict, key: Any, by: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + by
+
+
+def _allocation_module() -> Any:
+    # Imported lazily: allocation.py is a separate module with its own owner and tests.
+    from buffer import allocation
+
+    return allocation
+
+
+class BufferState:
+    def __init__(self, cfg: Config, prompts: Iterable[PromptRecord], *, now: float = 0.0):
+        self.cfg = cfg
+        self.prompts: dict[str, PromptRecord] = {}
+        for p in prompts:
+            if p.prompt_id in self.prompts:
+                raise ValueError(f"prompts: duplicate prompt_id {p.prompt_id!r}")
+            self.prompts[p.prompt_id] = p
+        if not self.prompts:
+            raise ValueError("prompts: the prompt pool is empty")
+        self.stats: dict[str, PromptStats] = {pid: PromptStats() for pid in self.prompts}
+        self.policy_version = 0
+        self.epoch = 0
+        self.epoch_order: list[str] = self._shuffled(0)
+        self.epoch_pos = 0
+        self.epoch_stats: dict[str, tuple[float, float]] = {pid: (0.0, 0.0) for pid in self.prompts}
+        self.pending: deque[PendingItem] = deque()
+        self.leases: OrderedDict[int, Lease] = OrderedDict()
+        self.retired: OrderedDict[int, RetiredLease] = OrderedDict()
+        self.queue: deque[QueuedGroup] = deque()
+        self.counters = Counters()
+        self.clients: dict[str, set[str]] = {}
+        self.next_lease_id = 1
+        self.next_arrival = 0
+        self.started_at = now
+
+    # ------------------------------------------------------------------------------------------- gauges
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(lease.open) for lease in self.leases.values())
+
+    def admission_room(self) -> int:
+        """Prompts that may still be leased before some group could exceed max_staleness (SPEC §5)."""
+        limit = (self.policy_version + self.cfg.algo.max_staleness + 1) * self.cfg.learner.groups_per_step
+        return limit - (self.counters.groups_served + len(self.queue) + self.in_flight)
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def register(self, role: str, client_id: str) -> int:
+        self.clients.setdefault(role, set()).add(client_id)
+        return self.policy_version
+
+    def lease(self, actor_id: str, max_prompts: int, now: float) -> LeaseGrant:
+        """Grant up to max_prompts (prompt, n) items, or none with a wait_reason."""
+        if max_prompts < 1:
+            raise Rejection("bad_request", f"max_prompts: must be >= 1, got {max_prompts}")
+        self.expire_leases(now)
+        if len(self.queue) >= self.cfg.buffer.max_queued_groups:
+            return self._wait("backpressure")
+        room = self.admission_room()
+        if room <= 0:
+            return self._wait("staleness")
+        leased = self._distinct(self._take(min(max_prompts, room)))
+        lease = Lease(self.next_lease_id, actor_id, {it.prompt_id: it.n for it in leased},
+                      now + self.cfg.buffer.lease_timeout_s, self.policy_version)
+        self.next_lease_id += 1
+        self.leases[lease.lease_id] = lease
+        self.counters.leases_granted += 1
+        self.counters.prompts_leased += len(leased)
+        for it in leased:
+            self.stats[it.prompt_id].leases += 1
+        items = [self._work_item(it) for it in leased]
+        return LeaseGrant(lease_id=lease.lease_id, items=items, policy_version=self.policy_version,
+                          deadline_s=self.cfg.buffer.lease_timeout_s)
+
+    def submit(self, lease_id: int, group: Group, now: float) -> SubmitAck:
+        """Validate and ingest one group; raises Rejection (counted by reason) for anything invalid."""
+        self.expire_leases(now)
+        try:
+            lease = self._check_submission(lease_id, group)
+        except Rejection as rej:
+            _bump(self.counters.groups_rejected, rej.code)
+            raise
+        del lease.open[group.prompt_id]
+        lease.done.append(group.prompt_id)
+        if not lease.open:
+            self._retire(lease, "completed")
+        return self._ingest(group, lease)
+
+    def release(self, lease_id: int, prompt_ids: list[str], now: float) -> str:
+        """An actor gives back prompts it will not finish; they go to the front of the pool."""
+        self.expire_leases(now)
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise Rejection("unknown_lease", f"lease_id: {lease_id} is not a live lease")
+        returned = [PendingItem(pid, lease.open.pop(pid)) for pid in prompt_ids if pid in lease.open]
+        self.pending.extendleft(reversed(returned))
+        self.counters.leases_released += 1
+        self.counters.prompts_returned += len(returned)
+        if not lease.open:
+            self._retire(lease, "released")
+        ignored = len(prompt_ids) - len(returned)
+        return f"returned {len(returned)} prompts" + (f", ignored {ignored} not open in the lease" if ignored else "")
+
+    def fetch(self, n_groups: int) -> Batch:
+        """Exactly n_groups oldest groups (after dropping too-stale ones), or an empty batch if fewer wait."""
+        if not 1 <= n_groups <= self.cfg.buffer.max_queued_groups:
+            raise Rejection("bad_request",
+                            f"n_groups: must be in [1, {self.cfg.buffer.max_queued_groups}], got {n_groups}")
+        dropped = self._drop_stale()
+        if len(self.queue) < n_groups:
+            return Batch(groups=[], policy_version=self.policy_version, dropped_stale=dropped)
+        served = []
+        for _ in range(n_groups):
+            q = self.queue.popleft()
+            staleness = self.policy_version - q.min_version
+            _bump(self.counters.staleness_hist, staleness)
+            served.append(ServedGroup(group=q.group, staleness=staleness, arrival=q.arrival))
+        self.counters.groups_served += n_groups
+        return Batch(groups=served, policy_version=self.policy_version, dropped_stale=dropped)
+
+    def report_version(self, version: int) -> None:
+        if version < self.policy_version:
+            raise Rejection("version_regression",
+                            f"version: {version} is older than the buffer's policy_version {self.policy_version}")
+        self.policy_version = version
+
+    def count_bad_message(self, code: str) -> None:
+        self.counters.messages_bad += 1
+        _bump(self.counters.errors, code)
+
+    def count_error(self, code: str) -> None:
+        _bump(self.counters.errors, code)
+
+    # ------------------------------------------------------------------------------------------- leases
+
+    def expire_leases(self, now: float) -> int:
+        """Return the prompts of leases past their deadline to the front of the pool; how many expired."""
+        expired = 0
+        # Deadlines grow with grant order (one timeout for all), so only the oldest leases can be due.
+        while self.leases:
+            lease = next(iter(self.leases.values()))
+            if lease.deadline > now:
+                break
+            returned = [PendingItem(pid, n) for pid, n in lease.open.items()]
+            self.pending.extendleft(reversed(returned))
+            self.counters.prompts_returned += len(returned)
+            self.counters.leases_expired += 1
+            self._retire(lease, "expired")
+            expired += 1
+        return expired
+
+    def _retire(self, lease: Lease, reason: str) -> None:
+        self.leases.pop(lease.lease_id, None)
+        self.retired[lease.lease_id] = RetiredLease(reason, list(lease.done))
+        while len(self.retired) > RETIRED_LEASES_KEPT:
+            self.retired.popitem(last=False)
+
+    def _distinct(self, taken: list[PendingItem]) -> list[PendingItem]:
+        """Items with distinct prompt ids; repeats go back to the front of the pool for the next lease.
+
+        A prompt can be pending twice (an expired lease returned it while a new epoch re-allocated it); inside one
+        lease the two would collide on prompt_id, the key of a submission.
+        """
+        seen: set[str] = set()
+        leased, deferred = [], []
+        for it in taken:
+            (deferred if it.prompt_id in seen else leased).append(it)
+            seen.add(it.prompt_id)
+        self.pending.extendleft(reversed(deferred))
+        return leased
+
+    def _wait(self, reason: str) -> LeaseGrant:
+        _bump(self.counters.lease_waits, reason)
+        return LeaseGrant(lease_id=0, items=[], policy_version=self.policy_version, deadline_s=0.0,
+                          wait_reason=reason)
+
+    def _work_item(self, item: PendingItem) -> WorkItem:
+        p = self.prompts[item.prompt_id]
+        return WorkItem(prompt_id=p.prompt_id, prompt=p.question, n=item.n, answer=p.answer,
+                        metadata_json=p.metadata_json)
+
+    # ------------------------------------------------------------------------------------------- waves
+
+    def _take(self, m: int) -> list[PendingItem]:
+        while len(self.pending) < m:
+            self._allocate_wave()
+        return [self.pending.popleft() for _ in range(m)]
+
+    def _allocate_wave(self) -> None:
+        if self.epoch_pos >= len(self.epoch_order):
+            self._start_epoch()
+        ids = self.epoch_order[self.epoch_pos : self.epoch_pos + self.cfg.buffer.wave_size]
+        self.epoch_pos += len(ids)
+        for pid, n in zip(ids, self.allocate(ids)):
+            self.pending.append(PendingItem(pid, n))
+            history = self.stats[pid].allocations
+            history.append(n)
+            del history[:-ALLOCATION_HISTORY]
+        self.counters.waves_allocated += 1
+
+    def allocate(self, prompt_ids: list[str]) -> list[int]:
+        """n_i for a wave (SPEC §1) from the stats the refresh policy says to use."""
+        algo = self.cfg.algo
+        alloc = _allocation_module()
+        counts, priorities = [], []
+        for pid in prompt_ids:
+            g, k = self._priority_inputs(pid)
+            counts.append(int(round(g)))
+            priorities.append(self.priority(g, k))
+        ns = alloc.allocate_rollouts(counts, priorities, algo.n_mean * len(prompt_ids), algo.n_min, algo.n_max,
+                                     algo.initial_budget, algo.allocation_mode)
+        ns = [int(n) for n in ns]
+        if len(ns) != len(prompt_ids) or min(ns) < 1:
+            raise RuntimeError(f"allocate_rollouts returned {ns} for {len(prompt_ids)} prompts")
+        return ns
+
+    def priority(self, g: float, k: float) -> float:
+        algo = self.cfg.algo
+        if algo.stats_half_life == 0:
+            g, k = int(round(g)), int(round(k))  # exact counts: keep the integer contract of prompt_priority
+        return float(_allocation_module().prompt_priority(g, k, min_history=algo.min_history,
+                                                           mastery=algo.mastery, floor=algo.priority_floor))
+
+    def _priority_inputs(self, pid: str) -> tuple[float, float]:
+        if self.cfg.algo.priority_refresh == "epoch":
+            return self.epoch_stats.get(pid, (0.0, 0.0))
+        s = self.stats[pid]
+        return s.samples, s.correct
+
+    def _start_epoch(self) -> None:
+        self.epoch += 1
+        self.epoch_order = self._shuffled(self.epoch)
+        self.epoch_pos = 0
+        self.epoch_stats = {pid: (s.samples, s.correct) for pid, s in self.stats.items()}
+
+    def _shuffled(self, epoch: int) -> list[str]:
+        order = sorted(self.prompts)
+        random.Random(self.cfg.buffer.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    # ------------------------------------------------------------------------------------------- ingest
+
+    def _check_submission(self, lease_id: int, group: Group) -> Lease:
+        pid = group.prompt_id
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            retired = self.retired.get(lease_id)
+            if retired is None:
+                raise Rejection("unknown_lease", f"lease_id: {lease_id} is not a known lease")
+            if pid in retired.done:
+                raise Rejection("duplicate", f"group: prompt {pid!r} of lease {lease_id} was already submitted")
+            raise Rejection(f"{retired.reason}_lease" if retired.reason != "completed" else "prompt_not_in_lease",
+                            f"lease_id: lease {lease_id} is {retired.reason}; prompt {pid!r} is not open in it")
+        if pid not in lease.open:
+            if pid in lease.done:
+                raise Rejection("duplicate", f"group: prompt {pid!r} of lease {lease_id} was already submitted")
+            raise Rejection("prompt_not_in_lease", f"group.prompt_id: {pid!r} is not open in lease {lease_id}")
+        n = lease.open[pid]
+        if len(group.samples) != n:
+            raise Rejection("wrong_n", f"group.samples: has {len(group.samples)} samples, lease asked for {n}")
+        try:
+            group.prompt_array()
+        except WireError as exc:
+            raise Rejection("invalid_prompt_tokens", str(exc)) from None
+        for i, sample in enumerate(group.samples):
+            problem = validate_sample(sample, self.policy_version)
+            if problem is not None:
+                field_name = problem.split(":", 1)[0].rsplit(".", 1)[-1]
+                raise Rejection(f"invalid_{field_name}", f"group.samples[{i}]: {problem}")
+        return lease
+
+    def _ingest(self, group: Group, lease: Lease) -> SubmitAck:
+        self._update_stats(group)
+        self.counters.groups_received += 1
+        self.counters.samples_received += len(group.samples)
+        rewards = [s.reward for s in group.samples]
+        if self.cfg.algo.drop_zero_variance_groups and max(rewards) == min(rewards):
+            self.counters.groups_zero_variance += 1
+            return SubmitAck(accepted=True, queued=False, note="zero_variance")
+        self.queue.append(QueuedGroup(group, self.next_arrival, self._min_version(group, lease)))
+        self.next_arrival += 1
+        return SubmitAck(accepted=True, queued=True)
+
+    def _update_stats(self, group: Group) -> None:
+        s = self.stats.get(group.prompt_id)
+        if s is None:  # a prompt that left the pool after a restart still counts, under its own id
+            s = self.stats[group.prompt_id] = PromptStats()
+        decay = 0.5 ** (1.0 / self.cfg.algo.stats_half_life) if self.cfg.algo.stats_half_life > 0 else 1.0
+        for sample in group.samples:
+            correct = bool(sample.correct)
+            s.samples = s.samples * decay + 1.0
+            s.correct = s.correct * decay + float(correct)
+            s.total_samples += 1
+            s.total_correct += int(correct)
+
+    @staticmethod
+    def _min_version(group: Group, lease: Lease) -> int:
+        versions = [int(decode_array(s.versions, VERSION_DTYPE, s.n_tokens, "samples.versions").min())
+                    for s in group.samples if s.n_tokens]
+        # An all-empty group carries no token versions; the lease's version is when its work was handed out.
+        return min(versions) if versions else lease.policy_version
+
+    def _drop_stale(self) -> int:
+        limit = self.policy_version - self.cfg.algo.max_staleness
+        if not self.queue or min(q.min_version for q in self.queue) >= limit:
+            return 0
+        kept = deque(q for q in self.queue if q.min_version >= limit)
+        dropped = len(self.queue) - len(kept)
+        self.queue = kept
+        self.counters.groups_dropped_stale += dropped
+        return dropped
+
+    # ------------------------------------------------------------------------------------------- views
+
+    def stats_dict(self, now: float) -> dict[str, Any]:
+        """The `stats` reply: counters plus gauges. Key names are part of the interface."""
+        out = msgspec.structs.asdict(self.counters)
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in out.items()}
+        out.update(
+            policy_version=self.policy_version,
+            epoch=self.epoch,
+            epoch_progress=self.epoch_pos / max(1, len(self.epoch_order)),
+            queue_depth=len(self.queue),
+            in_flight=self.in_flight,
+            live_leases=len(self.leases),
+            pending=len(self.pending),
+            admission_room=self.admission_room(),
+            prompts=len(self.prompts),
+            clients={role: len(ids) for role, ids in self.clients.items()},
+            uptime_s=max(0.0, now - self.started_at),
+        )
+        return out
+
+    def prompt_rows(self, top: int = 0) -> list[dict[str, Any]]:
+        """Per-prompt table sorted by priority (highest first), then id."""
+        rows = []
+        for pid, s in self.stats.items():
+            g, k = s.samples, s.correct
+            rows.append({
+                "prompt_id": pid,
+                "G": round(g, 3),
+                "k": round(k, 3),
+                "success": k / g if g > 0 else None,
+                "variance": k * (g - k) / (g * (g - 1)) if g > 1 else None,
+                "priority": self.priority(g, k),
+                "last_n": s.allocations[-1] if s.allocations else 0,
+                "allocations": list(s.allocations),
+                "leases": s.leases,
+            })
+        rows.sort(key=lambda r: (-r["priority"], r["prompt_id"]))
+        return rows[:top] if top > 0 else rows
+
+    def inspect(self, what: str, top: int, now: float) -> Any:
+        if what == "prompts":
+            return self.prompt_rows(top)
+        if what == "summary":
+            return self.stats_dict(now)
+        if what == "queue":
+            rows = [{"prompt_id": q.group.prompt_id, "arrival": q.arrival, "samples": len(q.group.samples),
+                     "min_version": q.min_version, "staleness": self.policy_version - q.min_version}
+                    for q in self.queue]
+            return rows[:top] if top > 0 else rows
+        if what == "leases":
+            return [{"lease_id": lease.lease_id, "actor_id": lease.actor_id, "open": len(lease.open),
+                     "done": len(lease.done), "seconds_left": round(lease.deadline - now, 1),
+                     "policy_version": lease.policy_version} for lease in self.leases.values()]
+        raise Rejection("bad_request", f"what: {what!r} is not one of prompts, summary, queue, leases")
+
+    # ------------------------------------------------------------------------------------------- persistence
+
+    def to_snapshot(self, wall_time: float) -> Snapshot:
+        """A copy of the durable state; in-flight leases become pending again (their actors' work is lost)."""
+        in_flight = [PendingItem(pid, n) for lease in self.leases.values() for pid, n in lease.open.items()]
+        retired = dict(self.retired)
+        for lease in self.leases.values():
+            retired[lease.lease_id] = RetiredLease("restart", list(lease.done))
+        return Snapshot(
+            config_json=json.dumps(config_to_dict(self.cfg)), saved_at=wall_time,
+            policy_version=self.policy_version, epoch=self.epoch, epoch_order=list(self.epoch_order),
+            epoch_pos=self.epoch_pos, pending=in_flight + list(self.pending), stats=dict(self.stats),
+            epoch_stats=dict(self.epoch_stats), counters=self.counters, queue=list(self.queue), retired=retired,
+            next_lease_id=self.next_lease_id, next_arrival=self.next_arrival,
+        )
+
+    @classmethod
+    def from_snapshot(cls, snap: Snapshot, cfg: Config | None = None,
+                      prompts: Iterable[PromptRecord] | None = None, *, now: float = 0.0) -> "BufferState":
+        """Restore; `cfg`/`prompts` default to the snapshot's own (read-only inspection of a finished run)."""
+        if snap.format != SNAPSHOT_FORMAT:
+            raise ValueError(f"snapshot: format {snap.format} is not supported (expected {SNAPSHOT_FORMAT})")
+        cfg = cfg or config_from_dict(json.loads(snap.config_json))
+        if prompts is None:
+            prompts = [PromptRecord(pid, "", "") for pid in snap.stats]
+        state = cls(cfg, prompts, now=now)
+        known = state.prompts
+        state.stats.update(snap.stats)
+        state.policy_version = snap.policy_version
+        state.epoch = snap.epoch
+        state.epoch_order = [pid for pid in snap.epoch_order if pid in known]
+        state.epoch_pos = min(snap.epoch_pos, len(state.epoch_order))
+        state.epoch_stats = {pid: tuple(v) for pid, v in snap.epoch_stats.items()}
+        state.pending = deque(it for it in snap.pending if it.prompt_id in known)
+        state.counters = snap.counters
+        state.queue = deque(snap.queue)
+        state.retired = OrderedDict(snap.retired)
+        state.next_lease_id = snap.next_lease_id
+        state.next_arrival = snap.next_arrival
+        return state
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
+
+
+def encode_snapshot(snap: Snapshot) -> bytes:
+    return _snapshot_encoder.encode(snap)
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    try:
+        return _snapshot_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"snapshot: cannot be decoded ({exc})") from None
+
