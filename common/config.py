@@ -136,10 +136,11 @@ class AlgorithmConfig:
 class TaskConfig:
     """Where prompts come from and how answers are checked."""
 
-    source: Literal["reasoning_gym", "jsonl"] = "reasoning_gym"
-    """`reasoning_gym` (procedural, scored by the dataset's scorer) or `jsonl` (local JSONL/Parquet, math-verify)."""
+    source: Literal["reasoning_gym", "procedural", "jsonl"] = "reasoning_gym"
+    """`reasoning_gym` (procedural, scored by the dataset's scorer), `procedural` (built-in generators of
+    common/tasks.py, exact match) or `jsonl` (local JSONL/Parquet, math-verify)."""
     name: str = "basic_arithmetic"
-    """reasoning-gym dataset name."""
+    """reasoning-gym dataset name, or a built-in procedural task (e.g. `larger_digit`) with source = procedural."""
     params_json: str = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
     """reasoning-gym dataset parameters as a JSON object."""
     size: int = 256

