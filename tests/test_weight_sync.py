@@ -1,0 +1,214 @@
+"""Weight broadcast over real gloo process groups on 127.0.0.1: bucketing, bitwise delivery, dead receivers.
+
+Receivers run as separate processes (the script below) and write what they received to safetensors files.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.config import LearnerConfig
+from common.processes import free_port
+from learner.weight_sync import (ControlSubscriber, WeightReceiver, WeightSender, flat_offsets, plan_buckets,
+                                 unique_named_tensors)
+
+REPO = Path(__file__).resolve().parents[1]
+
+RECEIVER_SCRIPT = r"""
+import json, sys, torch
+from safetensors.torch import save_file
+from common.config import LearnerConfig
+from learner.weight_sync import WeightReceiver
+torch.set_num_threads(1)
+args = json.loads(sys.argv[1])
+template = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, (dtype, shape) in args["template"].items()}
+receiver = WeightReceiver(LearnerConfig(**args["cfg"]), args["rank"], template, "cpu").start()
+for version in args["versions"]:
+    got = receiver.wait_for_version(version, args["timeout"])
+    if got is None:
+        sys.exit(3)
+    save_file({k: t.contiguous() for k, t in got[1].items()}, f"{args['out']}.v{got[0]}.safetensors")
+    print("got", got[0], flush=True)
+receiver.close()
+"""
+
+
+def _cfg(**overrides) -> LearnerConfig:
+    fields = dict(sync_address=f"127.0.0.1:{free_port()}", sync_control_address=f"tcp://127.0.0.1:{free_port()}",
+                  sync_bucket_mb=1, sync_timeout_s=20.0)
+    fields.update(overrides)
+    return LearnerConfig(**fields)
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(300, 512, generator=gen),  # 600 KB: with 1 MB buckets, layers split buckets
+        "layer.0.w": torch.randn(256, 512, generator=gen),
+        "layer.0.b": torch.randn(7, generator=gen),  # odd size: the next tensor must start aligned
+        "layer.1.w": torch.randn(600, 512, generator=gen),  # > 1 MB: a bucket of its own
+        "norm.weight": torch.randn(512, generator=gen).to(torch.bfloat16),
+    }
+
+
+def _start_receiver(cfg: LearnerConfig, rank: int, state, versions, out: Path) -> subprocess.Popen:
+    args = {"cfg": {"sync_address": cfg.sync_address, "sync_control_address": cfg.sync_control_address,
+                    "sync_timeout_s": cfg.sync_timeout_s, "sync_group_name": cfg.sync_group_name},
+            "rank": rank, "versions": versions, "timeout": 40, "out": str(out),
+            "template": {k: [str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in state.items()}}
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", RECEIVER_SCRIPT, json.dumps(args)], cwd=REPO, env=env)
+
+
+def _wait_file(path: Path, timeout_s: float = 30.0) -> dict[str, torch.Tensor]:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"receiver never wrote {path}"
+        time.sleep(0.05)
+    time.sleep(0.1)  # the file is written by save_file in one go; give it a moment to close
+    return load_file(path)
+
+
+def _assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name].view(torch.uint8), tensor.contiguous().view(torch.uint8)), name
+
+
+@pytest.mark.unit
+def test_plan_buckets_respects_size_and_order():
+    state = _state(0)
+    buckets = plan_buckets(list(state.items()), 1024 * 1024)
+    names = [[s.name for s in b] for b in buckets]
+    # embed 614400 B + layer.0.w 524288 B > 1 MiB -> split; layer.1.w (1228800 B) alone; the small ones share.
+    assert names == [["embed.weight"], ["layer.0.w", "layer.0.b"], ["layer.1.w"], ["norm.weight"]]
+    offsets, total = flat_offsets(buckets[1])
+    assert offsets == [0, 524288] and total == 524288 + 64  # 7 floats = 28 B padded to 64
+
+
+@pytest.mark.unit
+def test_tied_weights_are_sent_once_and_wire_dtype_casts():
+    shared = torch.randn(4, 3)
+    named = unique_named_tensors({"embed": shared, "lm_head": shared, "bias": torch.ones(3)}, torch.bfloat16)
+    assert [n for n, _ in named] == ["embed", "bias"]
+    assert all(t.dtype == torch.bfloat16 for _, t in named)
+
+
+@pytest.mark.integration
+def test_receiver_gets_bitwise_equal_weights(tmp_path):
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    state = _state(1)
+    sender = WeightSender(cfg, world_size=2, device="cpu")
+    proc = _start_receiver(cfg, 1, state, [1, 2], tmp_path / "rx")
+    try:
+        metrics = sender.broadcast(state, version=1)
+        assert metrics["perf/sync_ok"] == 1.0
+        _assert_bitwise_equal(_wait_file(tmp_path / "rx.v1.safetensors"), state)
+        state2 = _state(2)  # a second version over the same (already complete) group
+        assert sender.broadcast(state2, version=2)["perf/sync_ok"] == 1.0
+        _assert_bitwise_equal(_wait_file(tmp_path / "rx.v2.safetensors"), state2)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        sender.close()
+
+
+@pytest.mark.integration
+def test_per_tensor_layout_in_process_receiver():
+    """The SGLang layout, with a receiver thread in this process: also checks take_latest / announcements."""
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    state = _state(3)
+    sender = WeightSender(cfg, world_size=2, device="cpu", layout="per_tensor")
+    receiver = WeightReceiver(cfg, 1, state, "cpu").start()
+    subscriber = ControlSubscriber(cfg.sync_control_address)
+    try:
+        assert receiver.take_latest() is None
+        assert sender.broadcast(state, version=5)["perf/sync_ok"] == 1.0
+        version, got = receiver.wait_for_version(5, timeout_s=20)
+        assert version == 5
+        _assert_bitwise_equal(got, state)
+        assert receiver.take_latest() is None  # taken once
+        seen = subscriber.recv(timeout_s=5)
+        assert seen is not None and seen.layout == "per_tensor"
+    finally:
+        subscriber.close()
+        receiver.close()
+        sender.close()
+
+
+@pytest.mark.integration
+def test_dead_receiver_does_not_hang_sender_and_a_new_one_joins(tmp_path):
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    state = _state(4)
+    sender = WeightSender(cfg, world_size=2, device="cpu")
+    first = _start_receiver(cfg, 1, state, [1, 99], tmp_path / "a")
+    second = None
+    try:
+        assert sender.broadcast(state, version=1)["perf/sync_ok"] == 1.0
+        _wait_file(tmp_path / "a.v1.safetensors")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        start = time.monotonic()
+        metrics = sender.broadcast(_state(5), version=2)
+        assert time.monotonic() - start < cfg.sync_timeout_s + 2.0
+        assert metrics["perf/sync_ok"] == 0.0 and sender.generation == 1
+        second = _start_receiver(cfg, 1, state, [3], tmp_path / "b")  # a restarted actor at the same rank
+        # The learner retries at each version; the new process may need a few seconds to import torch.
+        for version in range(3, 10):
+            new_state = _state(version)
+            if sender.broadcast(new_state, version=version)["perf/sync_ok"] == 1.0:
+                break
+        else:
+            pytest.fail("the restarted receiver never joined the rebuilt group")
+        assert sender.generation >= 1
+        _assert_bitwise_equal(_wait_file(tmp_path / f"b.v{version}.safetensors"), new_state)
+        assert second.wait(30) == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        sender.close()
+
+
+@pytest.mark.integration
+def test_missing_receiver_bounds_the_wait_and_training_goes_on():
+    torch.set_num_threads(1)
+    cfg = _cfg(sync_timeout_s=2.0)
+    sender = WeightSender(cfg, world_size=2, device="cpu", join_wait_s=0.5)
+    try:
+        start = time.monotonic()
+        assert sender.broadcast(_state(7), version=1)["perf/sync_ok"] == 0.0
+        assert time.monotonic() - start < 1.5  # join_wait_s, not the group timeout
+        time.sleep(2.5)  # the background formation times out ...
+        assert sender.broadcast(_state(7), version=2)["perf/sync_ok"] == 0.0
+        assert sender.generation == 1  # ... and the next attempt moves to a new generation
+    finally:
+        sender.close()
+
+
+@pytest.mark.gpu
+def test_nccl_sender_and_receiver_on_one_gpu():
+    """One GPU: sender and an in-process receiver share it through NCCL (what one device can show)."""
+    cfg = _cfg()
+    state = {k: v.cuda() for k, v in _state(8).items()}
+    sender = WeightSender(cfg, world_size=2, device="cuda")
+    receiver = WeightReceiver(cfg, 1, state, "cuda").start()
+    try:
+        assert sender.broadcast(state, version=1)["perf/sync_ok"] == 1.0
+        version, got = receiver.wait_for_version(1, timeout_s=60)
+        _assert_bitwise_equal({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in state.items()})
+    finally:
+        receiver.close()
+        sender.close()
