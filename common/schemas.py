@@ -110,6 +110,8 @@ class Register(_Msg, tag="register"):
 class LeaseRequest(_Msg, tag="lease"):
     actor_id: str
     max_prompts: int
+    request_id: int = 0
+    """Non-zero: a retry with the same (actor_id, request_id) gets the same grant back instead of a second lease."""
 
 
 class Submit(_Msg, tag="submit"):
@@ -125,6 +127,8 @@ class Release(_Msg, tag="release"):
 class Fetch(_Msg, tag="fetch"):
     learner_id: str
     n_groups: int
+    request_id: int = 0
+    """Non-zero: a retry with the same (learner_id, request_id) gets the same batch back (a lost reply loses nothing)."""
 
 
 class ReportVersion(_Msg, tag="version"):

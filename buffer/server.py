@@ -1,0 +1,407 @@
+"""The replay buffer service: one process, one ZeroMQ ROUTER socket, one single-threaded event loop.
+
+Run alone:
+    python -m buffer.server --preset tiny --prompts-jsonl prompts.jsonl --buffer.address tcp://127.0.0.1:5555
+or as run_async.py starts it:
+    python -m buffer.server --config-file runs/<name>/config.json --run-dir runs/<name>
+
+Prompts come from `common.tasks.load_prompts(cfg.task, "train")`, or from `--prompts-jsonl FILE` (rows
+{prompt_id, question, answer, metadata}). Every request is decoded with the typed schemas of `common.schemas`,
+applied to the pure state machine `buffer.state.BufferState`, and answered with exactly one reply; undecodable or
+invalid requests get an `Error(code, message)` naming the field and are counted, never crash the loop. The state is
+snapshotted atomically (tmp + fsync + rename) every `buffer.snapshot_interval_s`, on SnapshotRequest and on
+SIGTERM/SIGINT, and restored on start. With a run dir, `buffer/*` metrics go to <run_dir>/metrics.jsonl every few
+seconds. An address with port 0 binds a free port; the bound endpoint is printed as `buffer listening on ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+import zmq.auth
+
+from buffer.state import BufferState, PromptRecord, Rejection, decode_snapshot, encode_snapshot
+from common.config import Config, config_to_dict, parse_cli
+from common.schemas import (
+    Ack,
+    Error,
+    Fetch,
+    InspectReply,
+    InspectRequest,
+    LeaseRequest,
+    Register,
+    Registered,
+    Release,
+    ReportVersion,
+    SnapshotRequest,
+    Stats,
+    StatsRequest,
+    Submit,
+    WireError,
+    decode_message,
+    encode_message,
+)
+
+log = logging.getLogger("buffer")
+
+METRICS_INTERVAL_S = 5.0
+TICK_S = 0.2
+"""Longest poll: how quickly expiry, snapshots, metrics and a stop request are noticed while idle."""
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def load_prompt_records(cfg: Config, prompts_jsonl: str = "") -> list[PromptRecord]:
+    """The training prompt pool: a JSONL file of {prompt_id, question, answer, metadata} or the task module."""
+    if prompts_jsonl:
+        records = []
+        with open(prompts_jsonl) as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                try:
+                    records.append(PromptRecord(str(row["prompt_id"]), str(row["question"]), str(row["answer"]),
+                                                json.dumps(row.get("metadata", {}))))
+                except KeyError as exc:
+                    raise ValueError(f"{prompts_jsonl}:{line_no}: missing field {exc}") from None
+        return records
+    from common.tasks import load_prompts
+
+    return [PromptRecord(p.prompt_id, p.question, p.answer, json.dumps(p.metadata))
+            for p in load_prompts(cfg.task, "train")]
+
+
+# ---------------------------------------------------------------------------------------------- snapshots
+
+
+def write_snapshot_file(path: Path, data: bytes) -> None:
+    """Atomic replace: a reader (or a kill -9) sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def restore_or_create(cfg: Config, prompts: list[PromptRecord], snapshot_path: Path | None) -> BufferState:
+    now = time.monotonic()
+    if snapshot_path is not None and snapshot_path.exists():
+        state = BufferState.from_snapshot(decode_snapshot(snapshot_path.read_bytes()), cfg, prompts, now=now)
+        log.info("restored %s: policy_version %d, %d queued groups, %d groups received", snapshot_path,
+                 state.policy_version, len(state.queue), state.counters.groups_received)
+        return state
+    return BufferState(cfg, prompts, now=now)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def metrics_record(stats: dict[str, Any], previous: dict[str, Any] | None, dt: float) -> dict[str, float]:
+    """`buffer/*` metrics from a stats dict; rates from the previous record."""
+    scalar_keys = ("queue_depth", "in_flight", "live_leases", "admission_room", "epoch", "epoch_progress",
+                   "leases_granted", "leases_expired", "leases_released", "prompts_leased", "groups_received",
+                   "groups_zero_variance", "groups_dropped_stale", "groups_served", "samples_received",
+                   "messages_bad")
+    m: dict[str, float] = {f"buffer/{k}": stats[k] for k in scalar_keys}
+    m["buffer/groups_rejected"] = sum(stats["groups_rejected"].values())
+    for reason, count in stats["groups_rejected"].items():
+        m[f"buffer/groups_rejected/{reason}"] = count
+    for reason, count in stats["lease_waits"].items():
+        m[f"buffer/lease_waits/{reason}"] = count
+    received = stats["groups_received"]
+    m["buffer/zero_variance_fraction"] = stats["groups_zero_variance"] / received if received else 0.0
+    hist = stats["staleness_hist"]
+    served = sum(hist.values())
+    if served:
+        m["buffer/staleness/mean"] = sum(int(s) * c for s, c in hist.items()) / served
+        m["buffer/staleness/max"] = max(int(s) for s in hist)
+    if previous is not None and dt > 0:
+        m["buffer/groups_received/rate"] = (received - previous["groups_received"]) / dt
+        m["buffer/groups_served/rate"] = (stats["groups_served"] - previous["groups_served"]) / dt
+    return m
+
+
+def allocation_metrics(state: BufferState) -> dict[str, float]:
+    """`allocation/*`: how the last allocations spread and how many prompts have a known priority."""
+    last = [s.allocations[-1] for s in state.stats.values() if s.allocations]
+    priorities = [row["priority"] for row in state.prompt_rows()]
+    known = [p for p in priorities if p >= 0]
+    m: dict[str, float] = {"allocation/known_fraction": len(known) / max(1, len(priorities))}
+    if known:
+        m["allocation/priority_mean"] = sum(known) / len(known)
+    if last:
+        m.update({"allocation/n/mean": sum(last) / len(last), "allocation/n/min": min(last),
+                  "allocation/n/max": max(last)})
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+class BufferServer:
+    """Socket + event loop around a BufferState. `bind()`, then `serve(stop_event)`; `close()` at the end."""
+
+    def __init__(self, cfg: Config, state: BufferState, *, snapshot_path: Path | None = None,
+                 run_dir: Path | None = None):
+        self.cfg = cfg
+        self.state = state
+        self.snapshot_path = snapshot_path
+        self.run_dir = run_dir
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self.endpoint = ""
+        self._auth: Any = None
+        self._dirty = False
+        self._last_snapshot = time.monotonic()
+        self._replay: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._metrics: Any = None
+        self._last_metrics: tuple[float, dict[str, Any]] | None = None
+        self._handlers: dict[type, Callable[[Any, float], Any]] = {
+            Register: self._on_register, LeaseRequest: self._on_lease, Submit: self._on_submit,
+            Release: self._on_release, Fetch: self._on_fetch, ReportVersion: self._on_version,
+            StatsRequest: self._on_stats, InspectRequest: self._on_inspect, SnapshotRequest: self._on_snapshot,
+        }
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def bind(self) -> str:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # The socket limit sits above the application limit so that a moderately oversized request still gets an
+        # Error reply naming the limit; anything beyond it makes ZeroMQ drop the connection (bounded memory).
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.cfg.buffer.max_message_bytes)
+        if self.cfg.buffer.curve_secret_key_file:
+            self._enable_curve(sock)
+        address = self.cfg.buffer.address
+        if address.startswith("tcp://") and address.endswith(":0"):
+            address = address[:-2] + ":*"
+        sock.bind(address)
+        self.sock = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.run_dir is not None:
+            from common.metrics import MetricsLogger
+
+            self._metrics = MetricsLogger(self.run_dir, "buffer", self.cfg.run.wandb_mode,
+                                          self.cfg.run.wandb_project, config_to_dict(self.cfg))
+        return self.endpoint
+
+    def _enable_curve(self, sock: zmq.Socket) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        keys_dir = self.cfg.buffer.curve_public_keys_dir
+        if not keys_dir or not Path(keys_dir).is_dir():
+            raise ValueError(f"buffer.curve_public_keys_dir: {keys_dir!r} must be a directory of client public keys")
+        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=keys_dir)
+        public, secret = zmq.auth.load_certificate(self.cfg.buffer.curve_secret_key_file)
+        if secret is None:
+            raise ValueError(f"buffer.curve_secret_key_file: {self.cfg.buffer.curve_secret_key_file} "
+                             "holds no secret key")
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_server = public, secret, True
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def serve(self, stop: threading.Event) -> None:
+        """Answer requests until `stop` is set; then write a final snapshot."""
+        assert self.sock is not None, "bind() first"
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(TICK_S * 1000):
+                # Drain what is ready before doing housekeeping, but stay responsive to stop.
+                for _ in range(256):
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+            self._housekeeping(time.monotonic())
+        self.write_snapshot()
+        if self._metrics is not None:
+            self.log_metrics(time.monotonic())
+
+    def _housekeeping(self, now: float) -> None:
+        if self.state.expire_leases(now):
+            self._dirty = True
+        if self._dirty and now - self._last_snapshot >= self.cfg.buffer.snapshot_interval_s:
+            self.write_snapshot()
+        if self._metrics is not None and (self._last_metrics is None
+                                          or now - self._last_metrics[0] >= METRICS_INTERVAL_S):
+            self.log_metrics(now)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        # REQ peers (and our DEALER client) send [empty, payload]; a bare DEALER sends [payload].
+        identity = frames[0].bytes
+        if len(frames) == 3 and len(frames[1]) == 0:
+            envelope, payload = [identity, b""], frames[2]
+        elif len(frames) == 2:
+            envelope, payload = [identity], frames[1]
+        else:
+            self.state.count_bad_message("bad_frames")
+            self._send(envelope_for(frames), Error(code="bad_frames",
+                                                    message=f"message: expected 1 payload frame, got {len(frames) - 1}"))
+            return
+        self._send(envelope, self._reply(payload.buffer))
+
+    def _reply(self, payload: memoryview) -> Any:
+        try:
+            msg = decode_message(payload, "request", max_bytes=self.cfg.buffer.max_message_bytes)
+        except WireError as exc:
+            self.state.count_bad_message(exc.code)
+            return Error(code=exc.code, message=str(exc))
+        try:
+            return self._handlers[type(msg)](msg, time.monotonic())
+        except Rejection as rej:
+            self.state.count_error(rej.code)
+            return Error(code=rej.code, message=rej.message)
+        except Exception as exc:  # a bug must not take the buffer down with it: log loudly, answer, go on
+            log.exception("internal error handling %s", type(msg).__name__)
+            self.state.count_error("internal")
+            return Error(code="internal", message=f"{type(msg).__name__}: {type(exc).__name__}: {exc}")
+
+    def _send(self, envelope: list[bytes], reply: Any) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart([*envelope, encode_message(reply)], zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # the peer's pipe is full (it stopped reading): drop the reply, it will time out
+            self.state.count_error("reply_dropped")
+
+    # ------------------------------------------------------------------------------------------- handlers
+
+    def _on_register(self, msg: Register, now: float) -> Registered:
+        return Registered(policy_version=self.state.register(msg.role, msg.client_id))
+
+    def _on_lease(self, msg: LeaseRequest, now: float) -> Any:
+        return self._once(("lease", msg.actor_id), msg.request_id,
+                          lambda: self.state.lease(msg.actor_id, msg.max_prompts, now))
+
+    def _on_submit(self, msg: Submit, now: float) -> Any:
+        self._dirty = True
+        return self.state.submit(msg.lease_id, msg.group, now)
+
+    def _on_release(self, msg: Release, now: float) -> Ack:
+        self._dirty = True
+        return Ack(note=self.state.release(msg.lease_id, msg.prompt_ids, now))
+
+    def _on_fetch(self, msg: Fetch, now: float) -> Any:
+        return self._once(("fetch", msg.learner_id), msg.request_id, lambda: self.state.fetch(msg.n_groups))
+
+    def _on_version(self, msg: ReportVersion, now: float) -> Ack:
+        self._dirty = True
+        self.state.report_version(msg.version)
+        return Ack()
+
+    def _on_stats(self, msg: StatsRequest, now: float) -> Stats:
+        return Stats(counters=self.state.stats_dict(now))
+
+    def _on_inspect(self, msg: InspectRequest, now: float) -> InspectReply:
+        return InspectReply(payload=self.state.inspect(msg.what, msg.top, now))
+
+    def _on_snapshot(self, msg: SnapshotRequest, now: float) -> Ack:
+        if self.snapshot_path is None:
+            return Ack(note="no snapshot path configured (run without a run dir)")
+        self.write_snapshot()
+        return Ack(note=str(self.snapshot_path))
+
+    def _once(self, key: tuple[str, str], request_id: int, make: Callable[[], Any]) -> Any:
+        """Run a non-idempotent request once per (client, request_id); a retry gets the same reply back."""
+        if request_id:
+            cached = self._replay.get(key)
+            if cached is not None and cached[0] == request_id:
+                return cached[1]
+        self._dirty = True
+        reply = make()
+        if request_id:
+            self._replay[key] = (request_id, reply)
+        return reply
+
+    # ------------------------------------------------------------------------------------------- outputs
+
+    def write_snapshot(self) -> None:
+        if self.snapshot_path is None:
+            return
+        write_snapshot_file(self.snapshot_path, encode_snapshot(self.state.to_snapshot(time.time())))
+        self._dirty = False
+        self._last_snapshot = time.monotonic()
+
+    def log_metrics(self, now: float) -> None:
+        stats = self.state.stats_dict(now)
+        previous = self._last_metrics
+        record = metrics_record(stats, previous[1] if previous else None, now - previous[0] if previous else 0.0)
+        record.update(allocation_metrics(self.state))
+        self._metrics.log(self.state.policy_version, record)
+        self._last_metrics = (now, stats)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._auth is not None:
+            self._auth.stop()
+        if self.sock is not None:
+            self.sock.close(0)
+        self.ctx.term()
+
+
+def envelope_for(frames: list[zmq.Frame]) -> list[bytes]:
+    """Best-effort reply envelope for a malformed multi-frame message: routing id plus an empty delimiter."""
+    return [frames[0].bytes, b""]
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def _split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--run-dir", default="")
+    parser.add_argument("--prompts-jsonl", default="")
+    return parser.parse_known_args(argv)
+
+
+def snapshot_path_for(cfg: Config, run_dir: str) -> Path | None:
+    if cfg.buffer.snapshot_path:
+        return Path(cfg.buffer.snapshot_path)
+    return Path(run_dir) / "buffer_snapshot.msgpack" if run_dir else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s buffer %(levelname)s %(message)s")
+    own, rest = _split_argv(list(sys.argv[1:] if argv is None else argv))
+    cfg = parse_cli(rest, description="The replay buffer service (--run-dir DIR, --prompts-jsonl FILE).")
+    snapshot_path = snapshot_path_for(cfg, own.run_dir)
+    prompts = load_prompt_records(cfg, own.prompts_jsonl)
+    state = restore_or_create(cfg, prompts, snapshot_path)
+    server = BufferServer(cfg, state, snapshot_path=snapshot_path, run_dir=Path(own.run_dir) if own.run_dir else None)
+    endpoint = server.bind()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    print(f"buffer listening on {endpoint} ({len(prompts)} prompts, snapshot {snapshot_path})", flush=True)
+    try:
+        server.serve(stop)
+    finally:
+        server.close()
+    log.info("stopped; final snapshot %s", snapshot_path)
+
+
+if __name__ == "__main__":
+    main()
