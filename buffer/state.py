@@ -19,14 +19,18 @@ Time is passed in explicitly (`now`, monotonic seconds) so tests can drive expir
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import msgspec
+import numpy as np
 from common.config import Config, config_from_dict, config_to_dict
 from common.schemas import (
+    FINISH_REASONS,
+    LOGPROB_DTYPE,
     VERSION_DTYPE,
     Batch,
     Group,
@@ -35,7 +39,6 @@ from common.schemas import (
     SubmitAck,
     WireError,
     WorkItem,
-    decode_array,
     validate_sample,
 )
 
@@ -224,7 +227,7 @@ class BufferState:
         """Validate and ingest one group; raises Rejection (counted by reason) for anything invalid."""
         self.expire_leases(now)
         try:
-            lease = self._check_submission(lease_id, group)
+            lease, min_version = self._check_submission(lease_id, group)
         except Rejection as rej:
             _bump(self.counters.groups_rejected, rej.code)
             raise
@@ -232,7 +235,7 @@ class BufferState:
         lease.done.append(group.prompt_id)
         if not lease.open:
             self._retire(lease, "completed")
-        return self._ingest(group, lease)
+        return self._ingest(group, min_version)
 
     def release(self, lease_id: int, prompt_ids: list[str], now: float) -> str:
         """An actor gives back prompts it will not finish; they go to the front of the pool."""
@@ -388,7 +391,8 @@ class BufferState:
 
     # ------------------------------------------------------------------------------------------- ingest
 
-    def _check_submission(self, lease_id: int, group: Group) -> Lease:
+    def _check_submission(self, lease_id: int, group: Group) -> tuple[Lease, int]:
+        """The live lease and the group's smallest token version, or Rejection naming the problem."""
         pid = group.prompt_id
         lease = self.leases.get(lease_id)
         if lease is None:
@@ -410,14 +414,18 @@ class BufferState:
             group.prompt_array()
         except WireError as exc:
             raise Rejection("invalid_prompt_tokens", str(exc)) from None
-        for i, sample in enumerate(group.samples):
-            problem = validate_sample(sample, self.policy_version)
-            if problem is not None:
-                field_name = problem.split(":", 1)[0].rsplit(".", 1)[-1]
-                raise Rejection(f"invalid_{field_name}", f"group.samples[{i}]: {problem}")
-        return lease
+        min_version = _fast_min_version(group, self.policy_version)
+        if min_version is _INVALID:
+            for i, sample in enumerate(group.samples):
+                problem = validate_sample(sample, self.policy_version)
+                if problem is not None:
+                    field_name = problem.split(":", 1)[0].rsplit(".", 1)[-1]
+                    raise Rejection(f"invalid_{field_name}", f"group.samples[{i}]: {problem}")
+            raise RuntimeError("group failed the fast check but every sample passed validate_sample")
+        # An all-empty group carries no token versions; the lease's version is when its work was handed out.
+        return lease, lease.policy_version if min_version is None else min_version
 
-    def _ingest(self, group: Group, lease: Lease) -> SubmitAck:
+    def _ingest(self, group: Group, min_version: int) -> SubmitAck:
         self._update_stats(group)
         self.counters.groups_received += 1
         self.counters.samples_received += len(group.samples)
@@ -425,7 +433,7 @@ class BufferState:
         if self.cfg.algo.drop_zero_variance_groups and max(rewards) == min(rewards):
             self.counters.groups_zero_variance += 1
             return SubmitAck(accepted=True, queued=False, note="zero_variance")
-        self.queue.append(QueuedGroup(group, self.next_arrival, self._min_version(group, lease)))
+        self.queue.append(QueuedGroup(group, self.next_arrival, min_version))
         self.next_arrival += 1
         return SubmitAck(accepted=True, queued=True)
 
@@ -440,13 +448,6 @@ class BufferState:
             s.correct = s.correct * decay + float(correct)
             s.total_samples += 1
             s.total_correct += int(correct)
-
-    @staticmethod
-    def _min_version(group: Group, lease: Lease) -> int:
-        versions = [int(decode_array(s.versions, VERSION_DTYPE, s.n_tokens, "samples.versions").min())
-                    for s in group.samples if s.n_tokens]
-        # An all-empty group carries no token versions; the lease's version is when its work was handed out.
-        return min(versions) if versions else lease.policy_version
 
     def _drop_stale(self) -> int:
         limit = self.policy_version - self.cfg.algo.max_staleness
@@ -554,6 +555,38 @@ class BufferState:
         state.next_lease_id = snap.next_lease_id
         state.next_arrival = snap.next_arrival
         return state
+
+
+_INVALID = object()
+_OK_FINISH = frozenset(FINISH_REASONS) - {"abort"}
+
+
+def _fast_min_version(group: Group, max_version: int) -> Any:
+    """Smallest token version of a valid group (None if it has no tokens), or _INVALID.
+
+    The same checks as `validate_sample`, done once over the concatenated arrays of the whole group instead of a
+    dozen numpy calls per sample (the difference is about 3x in ingest throughput). Only a group that fails here
+    goes through `validate_sample` to name its first bad field.
+    """
+    logprobs, versions = [], []
+    for s in group.samples:
+        n4 = 4 * s.n_tokens
+        if (s.n_tokens < 0 or len(s.tokens) != n4 or len(s.logprobs) != n4 or len(s.versions) != n4
+                or s.finish_reason not in _OK_FINISH or not math.isfinite(s.reward)):
+            return _INVALID
+        logprobs.append(s.logprobs)
+        versions.append(s.versions)
+    lp = np.frombuffer(b"".join(logprobs), LOGPROB_DTYPE)
+    if lp.size == 0:
+        return None
+    # min/max propagate NaN and reach +-inf, so two reductions cover "finite and <= 0 (with slack)".
+    if not math.isfinite(float(lp.min())) or float(lp.max()) > 1e-4:
+        return _INVALID
+    v = np.frombuffer(b"".join(versions), VERSION_DTYPE)
+    lo = int(v.min())
+    if lo < 0 or int(v.max()) > max_version:
+        return _INVALID
+    return lo
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
