@@ -1,0 +1,297 @@
+"""One learner step (one policy version) as plain functions over a `LearnerState`.
+
+Order of operations in `train_step(state, batch, cfg)`:
+1. `prepare_step`: decode the batch; GRPO advantages per group (x ADORA weights when `algo.adora`); drop
+   zero-variance groups (`algo.drop_zero_variance_groups`); cut the groups into `learner.mini_batches`
+   mini-batches and pack each into micro-batches of <= `learner.micro_batch_tokens` padded tokens; fix each
+   mini-batch's loss denominators (valid tokens, sequences) once.
+2. pi_prox: with several mini-batches, a no-grad pass at the step's starting weights records pi_prox for every
+   mini-batch after the first (for the first, pi_prox is the detached current log-prob: same weights).
+3. Per mini-batch (`accumulate_gradients`, `apply_gradients`): with modulation over the `minibatch` scope and more than one micro-batch, a
+   no-grad pre-pass collects H_max, H_min and max Xi over the whole mini-batch; then per micro-batch: forward
+   (logits / actor.temperature, because behaviour log-probs are at the sampling temperature) -> log-prob,
+   entropy and E_pi[pi Lambda] chunk-wise -> modulated advantages -> decoupled-PPO loss with truncated IS over
+   the fixed denominator -> backward; then clip the gradient norm and take an AdamW step.
+4. Scheduler step (linear warm-up over learner steps, then constant), `state.version += 1`.
+
+Dropout stays off (the model is in eval mode) so that pi_theta equals pi_prox at the start of a step.
+
+Data parallel (torchrun/accelerate, not run here): every rank gets the same batch (rank 0 fetches and broadcasts
+it, see learner/train.py), takes every world_size-th micro-batch of each mini-batch, divides by the global
+denominators, and the gradients are summed with one all-reduce per optimizer step; scope statistics are reduced
+with max/min. Metrics are rank 0's shard. FSDP for models that do not fit one GPU would replace the manual
+all-reduce; it is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from common.config import Config, LearnerConfig
+from common.schemas import Batch
+from learner.advantages import adora_weights, group_advantages, zero_variance_mask
+from learner.batch import MicroBatch, Rollouts, pack_micro_batches, rollouts_from_batch, split_groups
+from learner.loss import LOG_RATIO_CLAMP, policy_loss
+from learner.modulation import ScopeStats, config_scope_stats, merge_scope_stats, modulate_advantages, \
+    token_logprob_entropy
+
+
+class ResponseLogits(nn.Module):
+    """Wraps a HF causal LM: logits only at the positions that predict response tokens ([B, R, V])."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor) -> Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        picked = hidden.gather(1, logit_index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
+        return self.model.get_output_embeddings()(picked)  # [B, R, V]
+
+
+@dataclass
+class LearnerState:
+    model: nn.Module
+    policy: ResponseLogits
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    version: int = 0
+    """Learner steps completed = the policy version of the current weights."""
+
+
+def build_state(model: nn.Module, cfg: LearnerConfig) -> LearnerState:
+    """AdamW with a linear warm-up over `warmup_steps` learner steps, then a constant learning rate."""
+    model.eval()  # no dropout: see the module docstring
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+    return LearnerState(model=model, policy=ResponseLogits(model), optimizer=optimizer, scheduler=scheduler)
+
+
+def token_outputs(policy: nn.Module, mb: MicroBatch, temperature: float,
+                  entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(log pi(target) with grad, entropy, E_pi[pi Lambda]), each [B, R], at the sampling temperature."""
+    logits = policy(mb.input_ids, mb.attention_mask, mb.logit_index) / temperature  # [B, R, V]
+    return token_logprob_entropy(logits, mb.targets, entropy_grad=entropy_grad)
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+
+
+@dataclass
+class PreparedStep:
+    mini_batches: list[list[MicroBatch]]
+    denominators: list[tuple[float, float]]
+    """(valid response tokens, sequences) of each mini-batch: the loss denominators of its optimizer step."""
+    metrics: dict[str, Any]
+
+
+def batch_metrics(rollouts: Rollouts, batch: Batch) -> dict[str, Any]:
+    staleness = torch.tensor(rollouts.staleness, dtype=torch.float32)
+    return {
+        "reward/correct_fraction": rollouts.correct.float().mean(),
+        "rollout/response_length/mean": rollouts.lengths.float().mean(),
+        "rollout/truncated_fraction": rollouts.truncated.float().mean(),
+        "buffer/staleness/mean": staleness.mean(),
+        "buffer/staleness/max": staleness.max(),
+        "buffer/dropped_stale": batch.dropped_stale,
+    }
+
+
+def sequence_advantages(rollouts: Rollouts, cfg: Config) -> tuple[Tensor, dict[str, Any]]:
+    """Per-response advantages [S]: GRPO (or Dr. GRPO), times the ADORA group weight when enabled."""
+    adv, metrics = group_advantages(rollouts.rewards, rollouts.group_sizes, std_normalize=cfg.algo.std_normalize)
+    if cfg.algo.adora:
+        weights, adora_metrics = adora_weights(rollouts.correct, rollouts.lengths, rollouts.group_sizes,
+                                               truncation_length=cfg.truncation_length, lam=cfg.algo.adora_lambda)
+        adv = adv * weights
+        metrics.update(adora_metrics)
+    return adv, metrics
+
+
+def prepare_step(batch: Batch, cfg: Config) -> PreparedStep:
+    rollouts = rollouts_from_batch(batch)
+    metrics = batch_metrics(rollouts, batch)
+    adv, adv_metrics = sequence_advantages(rollouts, cfg)
+    metrics.update(adv_metrics)
+    keep = list(range(len(rollouts.group_sizes)))
+    if cfg.algo.drop_zero_variance_groups:
+        zero = zero_variance_mask(rollouts.rewards, rollouts.group_sizes)
+        keep = [g for g in keep if not bool(zero[g])]
+    metrics["reward/zero_variance_groups_dropped"] = len(rollouts.group_sizes) - len(keep)
+    slices = rollouts.sample_slices()
+    mini_batches, denominators = [], []
+    for groups in split_groups(len(keep), cfg.learner.mini_batches):
+        chosen = [keep[g] for g in groups]
+        sub = rollouts.select_groups(chosen)
+        sub_adv = torch.cat([adv[slices[g]] for g in chosen])
+        micro = pack_micro_batches(sub, sub_adv, cfg.learner.micro_batch_tokens)
+        tokens = float(sub.lengths.sum())
+        if tokens == 0:
+            continue
+        mini_batches.append(micro)
+        denominators.append((tokens, float(sub.num_samples)))
+    metrics["loss/trained_sequences"] = sum(int(d[1]) for d in denominators)
+    return PreparedStep(mini_batches, denominators, metrics)
+
+
+# ---------------------------------------------------------------------------------------------- passes
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+    rank, world = _world()
+    return micro_batches[rank::world]
+
+
+@torch.no_grad()
+def record_prox_logp(policy: nn.Module, micro_batches: list[MicroBatch], temperature: float) -> None:
+    """Store pi_prox (the current weights) on each micro-batch, for mini-batches trained after weights moved."""
+    for mb in micro_batches:
+        mb.prox_logp = token_outputs(policy, mb, temperature)[0].detach()
+
+
+def _ratio(logp: Tensor, prox_logp: Tensor) -> Tensor:
+    return torch.exp((logp.detach() - prox_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+@torch.no_grad()
+def minibatch_scope_stats(policy: nn.Module, micro_batches: list[MicroBatch], cfg: Config) -> ScopeStats:
+    """H_max, H_min and max Xi over every valid token of the mini-batch (a no-grad pre-pass)."""
+    parts = []
+    for mb in micro_batches:
+        logp, entropy, expect = token_outputs(policy, mb, cfg.actor.temperature)
+        prox = mb.prox_logp if mb.prox_logp is not None else logp
+        adv = mb.adv[:, None].expand_as(logp)
+        parts.append(config_scope_stats(adv, _ratio(logp, prox), logp, entropy, expect, mb.mask, cfg.algo))
+    stats = merge_scope_stats(parts)
+    if _world()[1] > 1:
+        for value, op in ((stats.entropy_max, dist.ReduceOp.MAX), (stats.entropy_min, dist.ReduceOp.MIN),
+                          (stats.xi_max, dist.ReduceOp.MAX)):
+            dist.all_reduce(value, op=op)
+    return stats
+
+
+def micro_batch_loss(policy: nn.Module, mb: MicroBatch, cfg: Config, denominators: tuple[float, float],
+                     stats: ScopeStats | None) -> tuple[Tensor, dict[str, Any]]:
+    """Forward one micro-batch, modulate its advantages and return its share of the mini-batch loss."""
+    entropy_grad = cfg.algo.entropy_coef > 0
+    logp, entropy, expect = token_outputs(policy, mb, cfg.actor.temperature, entropy_grad)
+    prox = mb.prox_logp if mb.prox_logp is not None else logp.detach()
+    adv, metrics = modulate_advantages(mb.adv[:, None], _ratio(logp, prox), logp, entropy.detach(), expect,
+                                       mb.mask, cfg.algo, stats=stats)
+    loss, loss_metrics = policy_loss(logp, prox, mb.behav_logp, adv, mb.mask, token_denominator=denominators[0],
+                                     cfg=cfg.algo, seq_denominator=denominators[1],
+                                     entropy=entropy if entropy_grad else None)
+    metrics.update(loss_metrics)
+    valid = mb.mask
+    metrics["loss/entropy/token_mean"] = torch.where(valid, entropy.detach(), 0.0).sum() / valid.sum().clamp(min=1)
+    metrics["loss/advantage_final/token_mean"] = torch.where(valid, adv, 0.0).sum() / valid.sum().clamp(min=1)
+    return loss, metrics
+
+
+class MetricAccumulator:
+    """Combines per-part metrics: `/min` and `/max` reduce, `sum_keys` add up, the rest are weighted means."""
+
+    def __init__(self, sum_keys: tuple[str, ...] = ()):
+        self.sum_keys = sum_keys
+        self._values: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, Any], weight: float) -> None:
+        for key, value in metrics.items():
+            value = float(value)
+            if key.endswith("/min") or key.endswith("/max"):
+                pick = min if key.endswith("/min") else max
+                self._values[key] = pick(self._values.get(key, value), value)
+            elif key in self.sum_keys:
+                self._values[key] = self._values.get(key, 0.0) + value
+            elif math.isfinite(value):
+                self._values[key] = self._values.get(key, 0.0) + value * weight
+                self._weights[key] = self._weights.get(key, 0.0) + weight
+
+    def result(self) -> dict[str, float]:
+        return {k: (v / self._weights[k] if k in self._weights and self._weights[k] > 0 else v)
+                for k, v in self._values.items()}
+
+
+def _all_reduce_gradients(model: nn.Module) -> None:
+    """Sum the gradients of the data-parallel ranks (each loss is already over the global denominator)."""
+    if _world()[1] == 1:
+        return
+    for param in model.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+
+
+def accumulate_gradients(state: LearnerState, micro_batches: list[MicroBatch], denominators: tuple[float, float],
+                         cfg: Config) -> dict[str, float]:
+    """Backward over one mini-batch's micro-batches into .grad (zeroed first); returns the loss metrics."""
+    mine = _shard(micro_batches)
+    stats = None
+    if cfg.algo.modulation and cfg.algo.modulation_scope == "minibatch" and len(micro_batches) > 1:
+        stats = minibatch_scope_stats(state.policy, mine, cfg)
+    state.optimizer.zero_grad(set_to_none=True)
+    acc = MetricAccumulator(sum_keys=("loss/policy", "loss/total", "loss/valid_tokens"))
+    for mb in mine:
+        loss, metrics = micro_batch_loss(state.policy, mb, cfg, denominators, stats)
+        loss.backward()
+        acc.add(metrics, weight=mb.num_tokens)
+    _all_reduce_gradients(state.model)
+    return acc.result()
+
+
+def apply_gradients(state: LearnerState, cfg: LearnerConfig) -> dict[str, float]:
+    """Clip the global gradient norm (grad_clip 0: measure only) and take the AdamW step."""
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+    state.optimizer.step()
+    return {"optim/grad_norm": float(grad_norm)}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_step(state: LearnerState, batch: Batch, cfg: Config) -> dict[str, float]:
+    """One learner step on `batch`; returns its metrics and advances `state.version` by one."""
+    start = time.perf_counter()
+    device = next(state.model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prepared = prepare_step(batch, cfg)
+    mini_batches = [[mb.to(device) for mb in mbs] for mbs in prepared.mini_batches]
+    for mbs in mini_batches[1:]:
+        record_prox_logp(state.policy, _shard(mbs), cfg.actor.temperature)
+    acc = MetricAccumulator(sum_keys=("loss/valid_tokens",))
+    lr = state.optimizer.param_groups[0]["lr"]
+    for mbs, denominators in zip(mini_batches, prepared.denominators):
+        metrics = accumulate_gradients(state, mbs, denominators, cfg)
+        metrics.update(apply_gradients(state, cfg.learner))
+        acc.add(metrics, weight=denominators[0])
+    state.scheduler.step()
+    state.version += 1
+    elapsed = time.perf_counter() - start
+    tokens = sum(int(mb.attention_mask.sum()) for mbs in mini_batches for mb in mbs)
+    metrics = {k: float(v) for k, v in prepared.metrics.items()}
+    metrics.update(acc.result())
+    metrics.update({"optim/lr": lr, "optim/steps": len(mini_batches), "time/forward_backward_s": elapsed,
+                    "perf/tokens_per_s": tokens / elapsed, "perf/peak_memory_mb": peak_memory_mb(device)})
+    return metrics
