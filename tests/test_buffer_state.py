@@ -311,3 +311,48 @@ def test_inspect_prompt_rows_sorted_by_priority():
     assert rows[2]["priority"] == -1 and len(state.inspect("prompts", 2, now=0.0)) == 2
     with pytest.raises(Rejection):
         state.inspect("nonsense", 0, now=0.0)
+
+
+def test_fast_group_check_agrees_with_validate_sample():
+    """The one-pass group check must accept exactly the groups whose every sample passes validate_sample."""
+    import numpy as np
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from buffer.state import _INVALID, _fast_min_version
+    from common.schemas import LOGPROB_DTYPE, VERSION_DTYPE, validate_sample
+
+    special = st.sampled_from([-0.5, 0.0, 1e-5, 0.5, -np.inf, np.inf, np.nan])
+    sample = st.tuples(st.integers(0, 4), st.lists(special, min_size=4, max_size=4),
+                       st.lists(st.integers(-1, 4), min_size=4, max_size=4),
+                       st.sampled_from(["stop", "length", "abort", "eos"]), st.sampled_from([0.0, 1.0, np.nan]),
+                       st.integers(-1, 1))
+
+    @settings(max_examples=120, deadline=None)
+    @given(st.lists(sample, min_size=1, max_size=3), st.integers(0, 3))
+    def check(specs, max_version):
+        samples = []
+        for n, lps, vs, reason, reward, skew in specs:
+            s = make_sample(range(n), [-0.1] * n, [0] * n, reward=reward, correct=True, finish_reason=reason)
+            s.logprobs = np.array(lps[:n], LOGPROB_DTYPE).tobytes()
+            s.versions = np.array(vs[: max(0, n + skew)], VERSION_DTYPE).tobytes()  # skew: wrong length
+            samples.append(s)
+        group = Group(prompt_id="p", prompt_tokens=b"", samples=samples)
+        valid = all(validate_sample(s, max_version) is None for s in samples)
+        assert (_fast_min_version(group, max_version) is not _INVALID) == valid
+
+    check()
+
+
+def test_epoch_priority_refresh_uses_stats_frozen_at_epoch_start():
+    cfg = make_cfg(algo={"allocation_mode": "reference", "n_mean": 4, "n_min": 2, "n_max": 6, "initial_budget": 2,
+                         "max_staleness": 100, "priority_refresh": "epoch"})
+    state = BufferState(cfg, make_prompts(4))
+    for pid, k in {"p0": 4, "p1": 8, "p2": 2, "p3": 0}.items():  # known mid-epoch, but epoch 0 saw nothing
+        state.stats[pid].samples, state.stats[pid].correct = 8.0, float(k)
+    epoch0 = state.lease("a0", 4, now=0.0)
+    # Frozen stats of epoch 0 are all (0, 0): exploration 2 each + round-robin -> uniform 4s, as in the paper.
+    assert [it.n for it in epoch0.items] == [4, 4, 4, 4]
+    epoch1 = state.lease("a0", 4, now=0.0)
+    n = {it.prompt_id: it.n for it in epoch1.items}
+    assert state.epoch == 1 and n == {"p0": 6, "p1": 2, "p2": 6, "p3": 2}  # now priority-driven
