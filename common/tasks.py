@@ -165,7 +165,8 @@ def _local_row_to_prompt(row: dict[str, Any], index: int, task: TaskConfig, stem
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise TaskError(f"{where}: field {task.answer_field!r} is missing or empty")
     answer = str(answer)
-    if not _math_verify_parse(_as_math(answer)):
+    # math-verify always falls back to the raw string; an answer it turns into no expression cannot be graded.
+    if not [x for x in _math_verify_parse(_as_math(answer)) if not isinstance(x, str)]:
         raise TaskError(f"{where}: answer {answer!r} cannot be parsed by math-verify")
     metadata = {k: v for k, v in row.items() if k not in (task.prompt_field, task.answer_field)}
     return Prompt(f"{stem}-row-{index}", question, answer, _json_metadata(metadata, where))

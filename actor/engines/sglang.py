@@ -1,0 +1,472 @@
+"""SGLangEngine: the Engine interface over one or more SGLang HTTP servers (GPU clusters), pinned to sglang 0.5.23.
+
+Follows the SGLang contract of DESIGN.md. Every request body is a typed msgspec Struct below, so field names and
+types are fixed in one place and checked by tests/test_sglang_engine.py:
+- generation: `POST /generate` with `input_ids` (a batch of sequences), per-sequence `sampling_params` holding only
+  known keys (temperature, top_p, max_new_tokens, stop_token_ids, sampling_seed when a seed is fixed — SGLang
+  >= 0.5.22 rejects unknown keys with HTTP 400), `return_logprob`, `logprob_start_len = -1`. The reply gives
+  `output_ids`, `meta_info.output_token_logprobs` ([logprob, token_id, text|null] per output token; temperature
+  scaled, not renormalised after top-p: the same quantity HFEngine returns), `meta_info.finish_reason.type` and
+  `meta_info.weight_version` (string) / `weight_versions` (0.5.20+). Aborted requests (finish reason "abort", e.g.
+  by a pause in abort mode) are resubmitted or dropped (`actor.abort_policy`); a partial answer is never scored.
+- per-token versions: from `weight_versions` when the server sends it (per-token list, or spans
+  [version, start, end)); otherwise every token gets the version the weights had when the request was sent if the
+  version changed while it ran (the conservative, older label), else `weight_version`.
+- weight updates (`update_from_announcement`, driven by the learner's WeightAnnouncement on the control channel):
+  an invitation (no buckets) makes every server join the group with `POST /init_weights_update_group` at rank
+  offset 1 + Σ tp_size of the engines before it (an old group is destroyed first with
+  `/destroy_weights_update_group`); a data announcement runs `/pause_generation` {mode} -> `/begin_weight_update`
+  (0.5.21+, probed once; a 404 switches it off) -> per bucket `/update_weights_from_distributed` {names, dtypes,
+  shapes, group_name, flush_cache: false, weight_version} sent to all servers at once (the learner broadcasts
+  meanwhile) and collected -> `/end_weight_update` -> `GET /flush_cache` (not in in_place mode) ->
+  `/continue_generation`. Every server gets the same requests in the same order, or the collective hangs.
+- health: `GET /health_generate`, never while paused (SGLang answers 503 then).
+- servers: attached by URL (`actor.sglang_urls`) or launched with `python -m sglang.launch_server` and the
+  RL-relevant flags (`--skip-tokenizer-init`: token ids in and out; fixed `--random-seed`; tp size; dtype).
+
+HTTP goes through `requests` when installed, else urllib (no extra dependency).
+
+What was run: only the request building/parsing, feature probing, abort handling and the update sequence, against
+a fake HTTP server on 127.0.0.1 (tests/test_sglang_engine.py). No GPU or sglang was available where this was
+written, so nothing here has run against a real SGLang server; the `gpu` test in that file does so where sglang
+and CUDA are present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Mapping
+
+import msgspec
+import numpy as np
+
+from actor.engines.base import GeneratedSample, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class SGLangError(RuntimeError):
+    """A server answered with an error status, or did not answer."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------- request bodies
+
+
+class _Body(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class SGLangSamplingParams(_Body, kw_only=True, omit_defaults=True):
+    """Only keys SGLang knows (>= 0.5.22 rejects others); sampling_seed is left out unless a seed is fixed."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop_token_ids: list[int]
+    sampling_seed: int | None = None
+
+
+class GenerateRequest(_Body, kw_only=True):
+    input_ids: list[list[int]]
+    sampling_params: list[SGLangSamplingParams]
+    return_logprob: bool = True
+    logprob_start_len: int = -1
+
+
+class InitWeightsUpdateGroupRequest(_Body, kw_only=True):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str
+    backend: str
+
+
+class UpdateWeightsFromDistributedRequest(_Body, kw_only=True):
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str
+    flush_cache: bool = False
+    weight_version: str | None = None
+
+
+class PauseGenerationRequest(_Body, kw_only=True):
+    mode: str
+
+
+class EmptyRequest(_Body):
+    pass
+
+
+class DestroyWeightsUpdateGroupRequest(_Body, kw_only=True):
+    group_name: str
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+
+class FinishReason(msgspec.Struct):
+    type: str
+
+
+class MetaInfo(msgspec.Struct):
+    output_token_logprobs: list[list[Any]] = []
+    finish_reason: FinishReason | None = None
+    weight_version: str | None = None
+    weight_versions: list[Any] | None = None
+
+
+class GenerateOutput(msgspec.Struct):
+    output_ids: list[int]
+    meta_info: MetaInfo
+
+
+_generate_outputs = msgspec.json.Decoder(list[GenerateOutput])
+_generate_output = msgspec.json.Decoder(GenerateOutput)
+
+
+def parse_generate_response(body: bytes, n_sequences: int, start_version: int, engine_version: int,
+                            ) -> list[GeneratedSample]:
+    """Decode a /generate reply for a batch of `n_sequences` into GeneratedSamples (strictly typed)."""
+    try:
+        outputs = _generate_outputs.decode(body) if body.lstrip()[:1] == b"[" else [_generate_output.decode(body)]
+    except msgspec.ValidationError as exc:
+        raise SGLangError(f"/generate: unexpected reply ({exc})") from None
+    if len(outputs) != n_sequences:
+        raise SGLangError(f"/generate: {len(outputs)} outputs for {n_sequences} sequences")
+    return [_to_sample(out, start_version, engine_version) for out in outputs]
+
+
+def _to_sample(out: GenerateOutput, start_version: int, engine_version: int) -> GeneratedSample:
+    meta = out.meta_info
+    n = len(out.output_ids)
+    if len(meta.output_token_logprobs) != n:
+        raise SGLangError(f"/generate: {len(meta.output_token_logprobs)} log-probs for {n} output ids")
+    logprobs = np.array([float(entry[0]) for entry in meta.output_token_logprobs], dtype=np.float32)
+    ids_in_logprobs = [int(entry[1]) for entry in meta.output_token_logprobs]
+    if ids_in_logprobs != list(out.output_ids):
+        raise SGLangError("/generate: output_token_logprobs token ids do not match output_ids")
+    reason = meta.finish_reason.type if meta.finish_reason is not None else "abort"
+    if reason not in ("stop", "length", "abort"):
+        raise SGLangError(f"/generate: unknown finish reason {reason!r}")
+    versions = token_versions(meta, n, start_version, engine_version)
+    return GeneratedSample(np.asarray(out.output_ids, dtype=np.int32), logprobs, versions, reason)
+
+
+def _version_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default  # e.g. "default" before the first update: the initial weights
+
+
+def token_versions(meta: MetaInfo, n: int, start_version: int, engine_version: int) -> np.ndarray:
+    """Per-token policy versions int32[n] (see the module docstring for the fallbacks)."""
+    spans = meta.weight_versions
+    if spans and len(spans) == n and not isinstance(spans[0], (list, dict)):
+        return np.array([_version_int(v, start_version) for v in spans], dtype=np.int32)
+    if spans and isinstance(spans[0], (list, dict)):
+        out = np.full(n, start_version, dtype=np.int32)
+        for span in spans:
+            version, begin, end = (span["version"], span["start"], span["end"]) if isinstance(span, dict) else span
+            out[int(begin):int(end)] = _version_int(version, start_version)
+        return out
+    if start_version != engine_version or meta.weight_version is None:
+        return np.full(n, start_version, dtype=np.int32)
+    return np.full(n, _version_int(meta.weight_version, start_version), dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+def _http(method: str, url: str, body: bytes | None, timeout_s: float) -> tuple[int, bytes]:
+    """(status, body); raises SGLangError when the server cannot be reached."""
+    headers = {"Content-Type": "application/json"}
+    try:
+        import requests
+    except ImportError:
+        requests = None
+    if requests is not None:
+        try:
+            reply = requests.request(method, url, data=body, headers=headers, timeout=timeout_s)
+        except requests.RequestException as exc:
+            raise SGLangError(f"{method} {url}: {exc}") from None
+        return reply.status_code, reply.content
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise SGLangError(f"{method} {url}: {exc}") from None
+
+
+class SGLangServer:
+    """One server: typed calls, feature probes, and the process when this engine launched it."""
+
+    def __init__(self, url: str, timeout_s: float = 600.0, process: subprocess.Popen | None = None):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.process = process
+        self.has_weight_update_session: bool | None = None  # probed on first use
+        self.group_name: str | None = None
+
+    def post(self, path: str, body: msgspec.Struct, timeout_s: float | None = None,
+             allow_404: bool = False) -> bytes | None:
+        status, content = _http("POST", self.url + path, msgspec.json.encode(body), timeout_s or self.timeout_s)
+        if status == 404 and allow_404:
+            return None
+        if status != 200:
+            raise SGLangError(f"POST {self.url}{path}: HTTP {status}: {content[:500]!r}", status)
+        return content
+
+    def get(self, path: str, timeout_s: float | None = None) -> tuple[int, bytes]:
+        return _http("GET", self.url + path, None, timeout_s or self.timeout_s)
+
+    def weight_update_session(self, phase: str) -> None:
+        """POST /begin_weight_update or /end_weight_update where the server has them (sglang >= 0.5.21)."""
+        if self.has_weight_update_session is False:
+            return
+        reply = self.post(f"/{phase}_weight_update", EmptyRequest(), allow_404=True)
+        self.has_weight_update_session = reply is not None
+
+
+def launch_server(model_path: str, *, port: int, tp_size: int, dtype: str, seed: int,
+                  extra_args: tuple[str, ...] = (), log_path: str | None = None) -> subprocess.Popen:
+    """Start `python -m sglang.launch_server` on 127.0.0.1:port with the flags an RL actor needs."""
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
+               "--port", str(port), "--tp-size", str(tp_size), "--dtype", dtype, "--random-seed", str(seed),
+               "--skip-tokenizer-init", *extra_args]
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    env = {**os.environ, "NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0"}
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+class SGLangEngine:
+    """Engine protocol over SGLang servers; sequences are spread over the servers, one batched request each."""
+
+    def __init__(self, servers: list[SGLangServer], *, pause_mode: str = "retract", abort_policy: str = "resubmit",
+                 rank_offset: int = 1, tp_size: int = 1, sync_address: str = "127.0.0.1:29555",
+                 backend: str = "nccl", max_resubmits: int = 3, policy_version: int = 0):
+        if not servers:
+            raise ValueError("SGLangEngine needs at least one server")
+        self.servers = servers
+        self.pause_mode = pause_mode
+        self.abort_policy = abort_policy
+        self.rank_offset = rank_offset
+        self.tp_size = tp_size
+        self.master_address, port = sync_address.rsplit(":", 1)
+        self.master_port = int(port)
+        self.backend = backend
+        self.max_resubmits = max_resubmits
+        self.policy_version = policy_version
+        self.aborted = 0
+        """Aborted sequences seen (resubmitted or dropped)."""
+        self._paused = False
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(servers)), thread_name_prefix="sglang")
+
+    @classmethod
+    def from_config(cls, cfg: Any, actor_index: int, log_dir: str | None = None) -> "SGLangEngine":
+        """Attach to cfg.actor.sglang_urls, or launch one server for this actor and wait until it is healthy."""
+        actor = cfg.actor
+        if actor.sglang_urls:
+            servers = [SGLangServer(url) for url in actor.sglang_urls]
+        else:
+            from common.models import resolve_model_path
+
+            port = free_port()
+            log_path = os.path.join(log_dir, f"sglang{actor_index}.log") if log_dir else None
+            process = launch_server(str(resolve_model_path(cfg.run.model)), port=port, tp_size=actor.sglang_tp_size,
+                                    dtype=actor.dtype, seed=cfg.run.seed + actor_index, log_path=log_path)
+            servers = [SGLangServer(f"http://127.0.0.1:{port}", process=process)]
+        engine = cls(servers, pause_mode=actor.sglang_pause_mode, abort_policy=actor.abort_policy,
+                     rank_offset=1 + actor_index * len(servers) * actor.sglang_tp_size, tp_size=actor.sglang_tp_size,
+                     sync_address=cfg.learner.sync_address)
+        engine.wait_until_healthy(timeout_s=900.0)
+        return engine
+
+    def wait_until_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.health():
+            for server in self.servers:
+                if server.process is not None and server.process.poll() is not None:
+                    raise SGLangError(f"sglang server {server.url} exited with {server.process.returncode}")
+            if time.monotonic() > deadline:
+                raise SGLangError(f"sglang servers not healthy after {timeout_s:.0f} s")
+            time.sleep(2.0)
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def generate(self, prompt_token_ids: list[list[int]], n: list[int],
+                 sampling: SamplingParams) -> list[list[GeneratedSample]]:
+        owners = [i for i, count in enumerate(n) for _ in range(count)]
+        sequences = [list(prompt_token_ids[i]) for i in owners]
+        seeds = [None if sampling.seed is None else sampling.seed + k for k in range(len(sequences))]
+        samples: list[GeneratedSample | None] = [None] * len(sequences)
+        todo = list(range(len(sequences)))
+        for attempt in range(self.max_resubmits + 1):
+            results = self._generate_spread([sequences[k] for k in todo], [seeds[k] for k in todo], sampling, attempt)
+            retry = []
+            for k, sample in zip(todo, results):
+                samples[k] = sample
+                if sample.finish_reason == "abort":
+                    self.aborted += 1
+                    retry.append(k)
+            if not retry or self.abort_policy == "drop":
+                break
+            todo = retry
+        grouped: list[list[GeneratedSample]] = [[] for _ in prompt_token_ids]
+        for owner, sample in zip(owners, samples):
+            grouped[owner].append(sample)  # aborted ones stay marked "abort"; the worker never submits them
+        return grouped
+
+    def _generate_spread(self, sequences: list[list[int]], seeds: list[int | None], sampling: SamplingParams,
+                         attempt: int) -> list[GeneratedSample]:
+        shards = [list(range(s, len(sequences), len(self.servers))) for s in range(len(self.servers))]
+        futures = [self._pool.submit(self._generate_on, server, [sequences[k] for k in shard],
+                                     [seeds[k] for k in shard], sampling, attempt)
+                   for server, shard in zip(self.servers, shards) if shard]
+        out: list[GeneratedSample | None] = [None] * len(sequences)
+        for shard, future in zip([s for s in shards if s], futures):
+            for k, sample in zip(shard, future.result()):
+                out[k] = sample
+        return out
+
+    def _generate_on(self, server: SGLangServer, sequences: list[list[int]], seeds: list[int | None],
+                     sampling: SamplingParams, attempt: int) -> list[GeneratedSample]:
+        request = build_generate_request(sequences, seeds, sampling, attempt)
+        start_version = self.policy_version
+        body = server.post("/generate", request)
+        return parse_generate_response(body, len(sequences), start_version, self.policy_version)
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
+        raise NotImplementedError("SGLang engines receive weights through update_from_announcement (broadcast)")
+
+    def update_from_announcement(self, ann: Any) -> dict[str, float]:
+        """Follow one learner WeightAnnouncement: join on an invitation, else run the update session."""
+        start = time.monotonic()
+        if not ann.buckets:
+            self._join_group(ann)
+            return {"time/sglang_join_s": time.monotonic() - start}
+        if any(server.group_name != ann.group_name for server in self.servers):
+            logger.warning("sglang: announcement for group %s that these servers have not joined; skipped",
+                           ann.group_name)
+            return {}
+        self.pause()
+        try:
+            self._each(lambda s: s.weight_update_session("begin"))
+            for bucket in ann.buckets:
+                request = UpdateWeightsFromDistributedRequest(
+                    names=[t.name for t in bucket], dtypes=[t.dtype for t in bucket],
+                    shapes=[list(t.shape) for t in bucket], group_name=ann.group_name, flush_cache=False,
+                    weight_version=str(ann.version))
+                self._each(lambda s: s.post("/update_weights_from_distributed", request))
+            self._each(lambda s: s.weight_update_session("end"))
+            if self.pause_mode != "in_place":
+                self._each(lambda s: _check_status(s.get("/flush_cache"), s.url + "/flush_cache"))
+            self.policy_version = int(ann.version)
+        finally:
+            self.resume()
+        return {"time/weight_swap_s": time.monotonic() - start}
+
+    def _join_group(self, ann: Any) -> None:
+        def join(index: int, server: SGLangServer) -> None:
+            if server.group_name is not None and server.group_name != ann.group_name:
+                server.post("/destroy_weights_update_group", DestroyWeightsUpdateGroupRequest(
+                    group_name=server.group_name), allow_404=True)
+                server.group_name = None
+            server.post("/init_weights_update_group", InitWeightsUpdateGroupRequest(
+                master_address=self.master_address, master_port=self.master_port,
+                rank_offset=self.rank_offset + index * self.tp_size, world_size=ann.world_size,
+                group_name=ann.group_name, backend=self.backend))
+            server.group_name = ann.group_name
+
+        # All servers must be inside init at the same time: the group forms only when every rank has arrived.
+        futures = [self._pool.submit(join, i, server) for i, server in enumerate(self.servers)]
+        _collect(futures)
+
+    def _each(self, call: Any) -> None:
+        """Send the same request to every server at once and wait for all replies (same order on every server)."""
+        _collect([self._pool.submit(call, server) for server in self.servers])
+
+    # ------------------------------------------------------------------------------------------ control
+
+    def pause(self) -> None:
+        self._each(lambda s: s.post("/pause_generation", PauseGenerationRequest(mode=self.pause_mode)))
+        self._paused = True
+
+    def resume(self) -> None:
+        self._each(lambda s: s.post("/continue_generation", EmptyRequest()))
+        self._paused = False
+
+    def health(self) -> bool:
+        if self._paused:
+            return True  # /health answers 503 while paused; pausing is not a failure
+        for server in self.servers:
+            try:
+                status, _ = server.get("/health_generate", timeout_s=30.0)
+            except SGLangError:
+                return False
+            if status != 200:
+                return False
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for server in self.servers:
+            if server.process is not None and server.process.poll() is None:
+                server.process.terminate()
+                try:
+                    server.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.process.kill()
+
+
+def build_generate_request(sequences: list[list[int]], seeds: list[int | None], sampling: SamplingParams,
+                           attempt: int = 0) -> GenerateRequest:
+    """One batched /generate body; a resubmission shifts fixed seeds so it does not replay the aborted sample."""
+    params = [SGLangSamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                   max_new_tokens=sampling.max_new_tokens,
+                                   stop_token_ids=list(sampling.stop_token_ids),
+                                   sampling_seed=None if seed is None else seed + attempt * 1_000_003)
+              for seed in seeds]
+    return GenerateRequest(input_ids=sequences, sampling_params=params)
+
+
+def _check_status(reply: tuple[int, bytes], what: str) -> None:
+    if reply[0] != 200:
+        raise SGLangError(f"{what}: HTTP {reply[0]}: {reply[1][:300]!r}", reply[0])
+
+
+def _collect(futures: list[Future]) -> None:
+    errors = [f.exception() for f in futures]
+    errors = [e for e in errors if e is not None]
+    if errors:
+        raise errors[0]

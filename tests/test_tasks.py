@@ -1,0 +1,133 @@
+"""Tasks and verifiers: reproducible prompt sets, answer extraction edge cases, scoring right and wrong answers."""
+
+import json
+
+import pytest
+
+from common.config import TaskConfig
+from common.schemas import WorkItem
+from common.tasks import (TaskError, build_prompt_text, encode_prompt, extract_answer, load_prompts,
+                          prompt_from_work_item, score_response, work_item_from_prompt)
+
+pytestmark = pytest.mark.unit
+
+ARITH = TaskConfig(size=12, eval_size=6)
+DIGITS = TaskConfig(source="procedural", name="larger_digit", params_json="{}", size=20, eval_size=10)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is 42.", "42"),                      # trailing period is not a decimal point
+        ("5 - 3 = 2", "2"),                               # last number, not the first
+        ("it is -7", "-7"),                               # negative numbers keep their sign
+        ("total 1,234 apples", "1234"),                   # thousands separators removed
+        ("x = 3.25", "3.25"),
+        ("\\boxed{12} but then 13", "12"),                # a box wins over later numbers
+        ("\\boxed{1} and \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # last box, nested braces kept
+        ("\\boxed{ 8 }", "8"),
+        ("\\boxed{4", "4"),                              # unclosed box (cut off): falls back to the last number
+        ("no digits here", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_reasoning_gym_prompts_are_reproducible_with_disjoint_eval():
+    train, again, held_out = load_prompts(ARITH, "train"), load_prompts(ARITH, "train"), load_prompts(ARITH, "eval")
+    assert train == again
+    assert [p.prompt_id for p in train] == [f"basic_arithmetic-train-{i}" for i in range(12)]
+    assert len(held_out) == 6 and held_out[0].prompt_id == "basic_arithmetic-eval-0"
+    assert {p.question for p in train} != {p.question for p in held_out}
+    assert load_prompts(TaskConfig(size=12, eval_size=6, seed=1), "train") != train
+
+
+def test_reasoning_gym_scoring_right_wrong_and_partial_credit():
+    prompt = next(p for p in load_prompts(ARITH, "train") if not p.answer.startswith("-"))
+    assert score_response(prompt, f"The result is {prompt.answer}", ARITH) == (1.0, True)
+    assert score_response(prompt, f"\\boxed{{{prompt.answer}}}", ARITH) == (1.0, True)
+    assert score_response(prompt, f"{int(prompt.answer) + 1}", ARITH) == (0.0, False)
+    assert score_response(prompt, "I do not know", ARITH) == (0.0, False)
+    # reasoning-gym gives partial credit when the answer is a substring ("1" in "11"); it must not count.
+    assert score_response(prompt, f"\\boxed{{{prompt.answer}0}}", ARITH) == (0.0, False)
+
+
+def test_procedural_larger_digit():
+    prompts = load_prompts(DIGITS, "train")
+    assert prompts == load_prompts(DIGITS, "train") and prompts != load_prompts(DIGITS, "eval")
+    for p in prompts:
+        a, b = [int(c) for c in p.question if c.isdigit()]
+        assert p.answer == str(max(a, b))
+        assert score_response(p, p.answer, DIGITS) == (1.0, True)
+        assert score_response(p, str((max(a, b) + 1) % 10), DIGITS) == (0.0, False)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_jsonl_split_ids_and_math_verify(tmp_path):
+    path = tmp_path / "math.jsonl"
+    _write_jsonl(path, [{"q": f"What is {i}/2?", "a": f"\\frac{{{i}}}{{2}}", "level": i} for i in range(1, 21)])
+    task = TaskConfig(source="jsonl", path=str(path), prompt_field="q", answer_field="a", eval_fraction=0.25)
+    train, held_out = load_prompts(task, "train"), load_prompts(task, "eval")
+    assert len(train) == 15 and len(held_out) == 5
+    assert not {p.question for p in train} & {p.question for p in held_out}
+    assert train == load_prompts(task, "train")
+    three_halves = next(p for p in train + held_out if p.question == "What is 3/2?")
+    assert three_halves.prompt_id.startswith("math-") and three_halves.metadata == {"level": 3}
+    assert score_response(three_halves, "so \\boxed{1.5}", task) == (1.0, True)   # equivalent form
+    assert score_response(three_halves, "\\boxed{\\frac{3}{2}}", task) == (1.0, True)
+    assert score_response(three_halves, "\\boxed{2}", task) == (0.0, False)
+    assert score_response(three_halves, "no idea", task) == (0.0, False)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": "ok", "answer": "1"}, {"answer": "2"}], "row 1: field 'prompt'"),
+        ([{"prompt": "ok", "answer": "1"}, {"prompt": "q", "answer": ""}], "row 1: field 'answer'"),
+        ([{"prompt": "q", "answer": "1"}, {"prompt": "q2", "answer": "1"}, {"prompt": "q3", "answer": "}{"}],
+         "row 2: answer"),
+    ],
+)
+def test_bad_local_rows_fail_at_load_naming_the_row(tmp_path, rows, message):
+    path = tmp_path / "bad.jsonl"
+    _write_jsonl(path, rows)
+    with pytest.raises(TaskError, match=message):
+        load_prompts(TaskConfig(source="jsonl", path=str(path)), "train")
+
+
+def test_unknown_sources_fail_clearly(tmp_path):
+    with pytest.raises(TaskError, match="not_a_dataset"):
+        load_prompts(TaskConfig(name="not_a_dataset"), "train")
+    with pytest.raises(TaskError, match="nope"):
+        load_prompts(TaskConfig(source="procedural", name="nope", params_json="{}"), "train")
+    with pytest.raises(TaskError, match="file not found"):
+        load_prompts(TaskConfig(source="jsonl", path=str(tmp_path / "missing.jsonl")), "train")
+
+
+def test_prompt_text_uses_the_tokenizers_chat_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAMO_RL_CACHE", str(tmp_path))
+    from common.models import load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    text = build_prompt_text(tok, "which is larger, 1 or 2?", DIGITS)
+    assert text == ("<|system|>Answer with the final number only.<|end|><|user|>which is larger, 1 or 2?<|end|>"
+                    "<|assistant|>")
+    no_system = TaskConfig(source="procedural", name="larger_digit", params_json="{}", system_prompt="")
+    assert build_prompt_text(tok, "q", no_system) == "<|user|>q<|end|><|assistant|>"
+    raw = TaskConfig(source="procedural", name="larger_digit", params_json="{}", use_chat_template=False)
+    assert build_prompt_text(tok, "q?", raw) == "q?"
+    ids = encode_prompt(tok, "q", no_system)
+    assert tok.decode(ids) == "<|user|>q<|end|><|assistant|>"
+
+
+def test_work_item_round_trip_keeps_scoring_metadata():
+    prompt = load_prompts(ARITH, "train")[3]
+    item = work_item_from_prompt(prompt, n=5)
+    assert isinstance(item, WorkItem) and item.n == 5
+    assert prompt_from_work_item(item) == prompt
+    assert score_response(prompt_from_work_item(item), prompt.answer, ARITH) == (1.0, True)
