@@ -148,6 +148,30 @@ def test_per_tensor_layout_in_process_receiver():
 
 
 @pytest.mark.integration
+def test_flat_receive_buffers_are_reused_only_after_the_next_take():
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    states = [_state(20 + v) for v in range(3)]
+    sender = WeightSender(cfg, world_size=2, device="cpu")
+    receiver = WeightReceiver(cfg, 1, states[0], "cpu").start()
+    try:
+        taken = []
+        for version, state in enumerate(states):
+            assert sender.broadcast(state, version=version)["perf/sync_ok"] == 1.0
+            got = receiver.wait_for_version(version, timeout_s=20)
+            assert got is not None and got[0] == version
+            if taken:  # the previous take is intact while this version was received and taken
+                _assert_bitwise_equal(taken[-1], states[version - 1])
+            _assert_bitwise_equal(got[1], state)
+            taken.append(got[1])
+        # version 2 went into version 0's buffers (released when version 1 was taken): no fresh allocation
+        assert taken[2]["layer.0.w"].data_ptr() == taken[0]["layer.0.w"].data_ptr()
+    finally:
+        receiver.close()
+        sender.close()
+
+
+@pytest.mark.integration
 def test_dead_receiver_does_not_hang_sender_and_a_new_one_joins(tmp_path):
     torch.set_num_threads(1)
     cfg = _cfg()

@@ -1,0 +1,243 @@
+"""The learner process: fetch a batch from the buffer, train one step, broadcast the weights, report the version.
+
+    python -m learner.train --config-file runs/x/config.json --run-dir runs/x [--resume] [--section.field VALUE]
+
+Loop: fetch exactly `learner.groups_per_step` groups (polling; the wait is the learner's idle time) ->
+`learner.step.train_step` -> version += 1 -> broadcast weights V to the actors -> report V to the buffer (in
+that order: docs/INTERFACES.md) -> metrics -> checkpoint every `learner.checkpoint_every` steps (with a buffer
+snapshot). Held-out evaluation at the start, every `run.eval_every` steps and at the end. After
+`learner.total_steps` it checkpoints and exits 0; SIGTERM/SIGINT finish the current step, checkpoint, ask the
+buffer to snapshot, and exit 0. `--resume` continues from <run_dir>/checkpoints with the same version numbering
+and first re-broadcasts the resumed weights so actors catch up.
+
+Data parallel under torchrun (WORLD_SIZE > 1; not run on this CPU-only machine): every rank builds the model,
+global rank 0 alone talks to the buffer, broadcasts each batch (msgpack bytes) to the other ranks, owns the
+`WeightSender`, writes checkpoints and metrics; gradients are summed across ranks inside `learner.step`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from common.addresses import connect_address
+from common.config import Config, config_to_dict, parse_cli
+from common.metrics import MetricsLogger
+from common.schemas import Batch, decode_message, encode_message
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.step import LearnerState, build_state, train_step
+
+logger = logging.getLogger("learner")
+
+FETCH_BACKOFF_S = (0.02, 0.5)
+"""First and longest pause between fetch polls while the buffer has fewer groups than a step needs."""
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps and while waiting for a batch."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.event.set())
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+
+def parse_args(argv: list[str] | None) -> tuple[Config, Path, bool]:
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own.add_argument("--run-dir", required=True)
+    own.add_argument("--resume", action="store_true")
+    args, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    cfg = parse_cli(rest, description="The learner (--run-dir DIR [--resume]).")
+    return cfg, Path(args.run_dir), args.resume
+
+
+def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises torch.distributed when launched by torchrun."""
+    from common.models import resolve_device
+
+    device = torch.device(resolve_device(cfg.learner.device))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def build_learner(cfg: Config, run_dir: Path, resume: bool, device: torch.device) -> LearnerState:
+    from common.models import load_model
+
+    torch.manual_seed(cfg.run.seed)
+    if cfg.learner.threads:
+        torch.set_num_threads(cfg.learner.threads)
+    model = load_model(cfg.run.model, dtype=getattr(torch, cfg.learner.dtype), device=device)
+    state = build_state(model, cfg.learner)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, state)
+        logger.info("resumed from %s at version %d", checkpoint, state.version)
+    elif resume:
+        logger.warning("--resume: no checkpoint in %s; starting at version 0", run_dir)
+    return state
+
+
+def build_sender(cfg: Config, device: torch.device) -> Any:
+    """The weight sender, sized for the configured actors (SGLang engines take one rank per TP shard)."""
+    from learner.weight_sync import WeightSender
+
+    if cfg.actor.engine == "sglang":
+        world_size, layout = 1 + cfg.actor.num_actors * cfg.actor.sglang_tp_size, "per_tensor"
+    else:
+        world_size, layout = 1 + cfg.actor.num_actors, "flat"
+    # Ship weights in the engine's dtype: half the bytes for bf16 engines, and they would cast anyway.
+    return WeightSender(cfg.learner, world_size, device, layout, wire_dtype=getattr(torch, cfg.actor.dtype))
+
+
+def fetch_batch(client: Any, cfg: Config, stop: StopRequested) -> tuple[Batch | None, float]:
+    """Exactly groups_per_step groups (None if stopped) and the seconds spent waiting for them."""
+    start = time.perf_counter()
+    pause = FETCH_BACKOFF_S[0]
+    while not stop:
+        batch = client.fetch("learner", cfg.learner.groups_per_step)
+        if batch.groups:
+            return batch, time.perf_counter() - start
+        if time.perf_counter() - start > cfg.learner.fetch_timeout_s:
+            raise TimeoutError(f"no batch from the buffer for {cfg.learner.fetch_timeout_s:.0f} s "
+                               f"(learner.fetch_timeout_s); buffer stats: {client.stats()}")
+        stop.event.wait(pause)
+        pause = min(2 * pause, FETCH_BACKOFF_S[1])
+    return None, time.perf_counter() - start
+
+
+def share_batch(batch: Batch | None, world: int, device: torch.device) -> Batch | None:
+    """Data parallel: rank 0's batch (or None = stop) to every rank, as msgpack bytes in a uint8 tensor."""
+    if world == 1:
+        return batch
+    payload = encode_message(batch) if (dist.get_rank() == 0 and batch is not None) else b""
+    comm_device = device if device.type == "cuda" else torch.device("cpu")
+    size = torch.tensor([len(payload)], dtype=torch.long, device=comm_device)
+    dist.broadcast(size, 0)
+    if int(size) == 0:
+        return None
+    data = torch.empty(int(size), dtype=torch.uint8, device=comm_device)
+    if dist.get_rank() == 0:
+        data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(data, 0)
+    return decode_message(data.cpu().numpy().tobytes(), "reply")
+
+
+def checkpoint(state: LearnerState, run_dir: Path, client: Any) -> dict[str, float]:
+    start = time.perf_counter()
+    path = save_checkpoint(run_dir, state)
+    note = client.snapshot()
+    logger.info("checkpoint %s; buffer snapshot: %s", path, note)
+    return {"time/checkpoint_s": time.perf_counter() - start}
+
+
+class Evaluator:
+    """Held-out evaluation of the learner's own weights (learner/evaluate.py) on the configured schedule."""
+
+    def __init__(self, cfg: Config):
+        from common.models import load_tokenizer
+        from common.tasks import load_prompts
+
+        self.cfg = cfg
+        self.prompts = load_prompts(cfg.task, "eval") if cfg.task.eval_size else []
+        self.tokenizer = load_tokenizer(cfg.run.model) if self.prompts else None
+
+    def due(self, version: int, last: bool) -> bool:
+        every = self.cfg.run.eval_every
+        return bool(self.prompts) and (version == 0 or last or (every > 0 and version % every == 0))
+
+    def run(self, model: torch.nn.Module) -> dict[str, float]:
+        from learner.evaluate import evaluate
+
+        return evaluate(model, self.tokenizer, self.prompts, self.cfg)
+
+
+def run_step(state: LearnerState, batch: Batch, cfg: Config, sender: Any, client: Any,
+             fetch_wait_s: float) -> dict[str, float]:
+    """Train on one batch, broadcast version V, then report V; returns the step's metrics."""
+    start = time.perf_counter()
+    metrics = train_step(state, batch, cfg)
+    if sender is not None:
+        metrics.update(sender.broadcast(state.model, state.version))
+        client.report_version(state.version)
+    step_s = time.perf_counter() - start
+    metrics.update({"time/fetch_wait_s": fetch_wait_s, "time/step_s": step_s,
+                    "time/idle_fraction": fetch_wait_s / (fetch_wait_s + step_s)})
+    return metrics
+
+
+def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world: int,
+               device: torch.device, stop: StopRequested) -> None:
+    from buffer.client import BufferClient
+
+    lead = rank == 0
+    client = BufferClient(connect_address(cfg.buffer.address)) if lead else None
+    sender = build_sender(cfg, device) if lead else None
+    metrics_log = MetricsLogger(run_dir, "learner", cfg.run.wandb_mode, cfg.run.wandb_project,
+                                config_to_dict(cfg)) if lead else None
+    evaluator = Evaluator(cfg) if lead else None
+    try:
+        if lead:
+            client.register("learner", "learner")
+            if state.version > 0:  # resumed: actors may hold older weights
+                metrics_log.log(state.version, sender.broadcast(state.model, state.version))
+                client.report_version(state.version)
+            if evaluator.due(state.version, last=False):
+                metrics_log.log(state.version, evaluator.run(state.model))
+        while state.version < cfg.learner.total_steps and not stop:
+            batch, waited = fetch_batch(client, cfg, stop) if lead else (None, 0.0)
+            batch = share_batch(batch, world, device)
+            if batch is None:
+                break
+            metrics = run_step(state, batch, cfg, sender, client, waited)
+            if not lead:
+                continue
+            every = cfg.learner.checkpoint_every
+            if every and state.version % every == 0:
+                metrics.update(checkpoint(state, run_dir, client))
+            if not stop and evaluator.due(state.version, last=state.version >= cfg.learner.total_steps):
+                metrics.update(evaluator.run(state.model))
+            metrics_log.log(state.version, metrics)
+            logger.info("step %d: loss %.4f reward %.3f (%.1f s, idle %.0f%%)", state.version,
+                        metrics.get("loss/policy", float("nan")), metrics.get("reward/mean", float("nan")),
+                        metrics["time/step_s"], 100 * metrics["time/idle_fraction"])
+        if lead:
+            checkpoint(state, run_dir, client)
+    finally:
+        for closable in (sender, client, metrics_log):
+            if closable is not None:
+                closable.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+    cfg, run_dir, resume = parse_args(argv)
+    stop = StopRequested()
+    rank, world, device = init_distributed(cfg)
+    state = build_learner(cfg, run_dir, resume or bool(cfg.run.resume), device)
+    train_loop(cfg, run_dir, state, rank, world, device, stop)
+    logger.info("stopped at version %d (%s)", state.version, "signal" if stop else "total_steps reached")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
