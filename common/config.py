@@ -368,11 +368,17 @@ class Config:
 
 
 def _tiny() -> Config:
-    """Random tiny model on a task it can learn quickly; used by the end-to-end tests (< 2 min)."""
+    """Random tiny model on a task it can learn quickly; used by the end-to-end tests (< 2 min).
+
+    The task is `larger_digit` ("Which is larger, 3 or 8?"), not arithmetic: a random character-level model never
+    computes sums, but learns the answer format and the skewed answer distribution of this task within a few dozen
+    steps (bench/tiny_task.py measures it). No system prompt keeps its prompts ~25 characters long.
+    """
     return Config(
         run=RunConfig(model="tiny", eval_every=5, eval_samples=2),
         algo=AlgorithmConfig(n_mean=4, n_min=2, n_max=6, initial_budget=2, max_staleness=2),
-        task=TaskConfig(size=32, eval_size=16),
+        task=TaskConfig(source="procedural", name="larger_digit", params_json="{}", system_prompt="", size=32,
+                        eval_size=16),
         buffer=BufferConfig(wave_size=4, lease_timeout_s=30.0, snapshot_interval_s=5.0),
         actor=ActorConfig(prompts_per_lease=4, max_new_tokens=4, dtype="float32"),
         learner=LearnerConfig(groups_per_step=4, total_steps=30, lr=3e-3, checkpoint_every=10),
