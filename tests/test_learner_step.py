@@ -204,3 +204,28 @@ def test_stale_behaviour_logprobs_are_importance_weighted_and_truncated():
     assert metrics["loss/is_weight/max"] == pytest.approx(2.0, abs=1e-5)
     assert metrics["loss/is_weight/min"] == pytest.approx(math.exp(0.3), abs=1e-4)
     torch.testing.assert_close(grad_stale, grad_fresh * weights[:, None], rtol=1e-4, atol=1e-7)
+
+
+def test_later_mini_batches_use_the_step_start_weights_as_pi_prox():
+    """Two optimizer steps per batch: the second mini-batch's ratio pi_theta/pi_prox moves away from 1."""
+    torch.set_num_threads(1)
+    model = tiny_model(seed=6)
+    cfg = with_overrides(make_cfg(), learner={"mini_batches": 2, "groups_per_step": 2, "lr": 5e-2})
+    behav = lambda p, r: model_logprobs(model, p, r, cfg.actor.temperature)  # noqa: E731
+    metrics = train_step(build_state(model, cfg.learner), make_batch(example_groups(seed=8), behav=behav), cfg)
+    assert metrics["optim/steps"] == 2
+    # first mini-batch: ratio exactly 1; second: the weights moved after step 1 while pi_prox did not
+    assert abs(metrics["loss/ratio/token_mean"] - 1.0) > 1e-4
+
+
+@pytest.mark.gpu
+def test_step_on_one_gpu_matches_the_cpu_reference():
+    model = tiny_model()
+    groups = example_groups()
+    cfg = with_overrides(make_cfg(), learner={"device": "cuda"})
+    behav = lambda p, r: model_logprobs(model, p, r, cfg.actor.temperature)  # noqa: E731
+    expected = reference_loss(model, groups, cfg, behav)
+    state = build_state(model.cuda(), cfg.learner)
+    metrics = train_step(state, make_batch(groups, behav=behav), cfg)
+    assert metrics["loss/policy"] == pytest.approx(expected, abs=1e-4)
+    assert metrics["perf/peak_memory_mb"] > 0 and state.version == 1
