@@ -7,8 +7,10 @@ Transport. A dedicated process group, never the learner's WORLD, built the way S
 `init_custom_process_group` builds its weight-update group, so SGLang engines can join it unchanged: a TCPStore
 rendezvous at `learner.sync_address` (the learner is the store master), the store chain
 PrefixStore(name) -> PrefixStore(name + "/") -> PrefixStore(device + "/") that torch's group helper creates, and
-a process-group object constructed directly (ProcessGroupGloo on CPU, ProcessGroupNCCL on GPU with
-NCCL_CUMEM_ENABLE=0 and NCCL_NVLS_ENABLE=0). `init_process_group`/`new_group` are not used: they need every
+a process-group object constructed directly: ProcessGroupNCCL (with NCCL_CUMEM_ENABLE=0 and NCCL_NVLS_ENABLE=0)
+for the per-tensor layout between GPUs (SGLang), ProcessGroupGloo over CPU memory otherwise — flat buckets for HF
+engines always go over gloo, since an HF actor may share the learner's GPU and NCCL cannot put two ranks of one
+communicator on one device (`transport_device`); GPU-resident weights are packed into CPU staging buffers. `init_process_group`/`new_group` are not used: they need every
 process in one WORLD and hang when a member is missing. ZeroMQ carries only the control messages
 (`common.schemas.WeightAnnouncement`, MessagePack) on a PUB socket at `learner.sync_control_address`.
 
@@ -40,8 +42,9 @@ the flat buckets, so there is no unpacking copy); `take_latest()` hands the newe
 which copies it in at a batch boundary. A taken version stays valid until the next take. Tied weights are sent once (the first name of a
 shared storage); the receiver's model re-ties them.
 
-Not run here (CPU-only machine): the NCCL path and SGLang engines joining the group. The code builds them the
-same way as gloo; `tests/test_weight_sync.py` has a `gpu` test for one-GPU NCCL sender/receiver.
+Not run here (CPU-only machine): the NCCL path and SGLang engines joining the group; the code builds them the
+same way as gloo. One GPU cannot show NCCL (it needs two devices); `tests/test_weight_sync.py` has a `gpu` test
+of GPU-resident learner weights reaching a GPU receiver through the gloo path.
 """
 
 from __future__ import annotations
@@ -152,6 +155,13 @@ def new_process_group(store: torch.distributed.Store, group_name: str, rank: int
     return torch.distributed.ProcessGroupGloo(prefix, rank, world_size, timeout)
 
 
+def transport_device(layout: str, device: torch.device) -> torch.device:
+    """Where a group's buffers live, which picks its backend: NCCL for the per-tensor layout between GPUs
+    (SGLang engines run on GPUs of their own), gloo from CPU memory for flat buckets (HF engines), because an HF
+    actor may share the learner's GPU and NCCL cannot place two ranks of one communicator on one device."""
+    return device if (layout == "per_tensor" and device.type == "cuda") else torch.device("cpu")
+
+
 def _connect_store(sync_address: str, timeout_s: float, is_master: bool) -> torch.distributed.TCPStore:
     _, host, port = split_endpoint(sync_address)
     return torch.distributed.TCPStore(host, port, None, is_master, datetime.timedelta(seconds=timeout_s),
@@ -233,6 +243,7 @@ class WeightSender:
         self.world_size = world_size
         self.device = torch.device(device)
         self.layout = layout
+        self.transport = transport_device(layout, self.device)
         self.wire_dtype = wire_dtype
         self.join_wait_s = learner_cfg.sync_timeout_s if join_wait_s is None else join_wait_s
         self.generation = 0
@@ -289,7 +300,7 @@ class WeightSender:
                                         world_size=self.world_size, layout=self.layout, buckets=[])
         return _Formation(
             build=lambda: new_process_group(self._store, name, 0, self.world_size, self.cfg.sync_timeout_s,
-                                            self.device),
+                                            self.transport),
             invite=lambda: self._publish(invitation))
 
     def _publish(self, announcement: WeightAnnouncement) -> None:
@@ -334,16 +345,17 @@ class WeightSender:
 
     def _staging_buffer(self, slot: int, nbytes: int) -> torch.Tensor:
         while len(self._staging) <= slot:
-            self._staging.append(torch.empty(0, dtype=torch.uint8, device=self.device))
+            self._staging.append(torch.empty(0, dtype=torch.uint8, device=self.transport))
         if self._staging[slot].numel() < nbytes:
-            self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.transport)
         return self._staging[slot][:nbytes]
 
     def _send_per_tensor(self, group: Any, tensors: dict[str, torch.Tensor],
                          buckets: list[list[TensorSpec]]) -> None:
         timeout = datetime.timedelta(seconds=self.cfg.sync_timeout_s)
         for bucket in buckets:
-            works = [group.broadcast(tensors[spec.name].contiguous(), 0, timeout) for spec in bucket]
+            works = [group.broadcast(tensors[spec.name].to(self.transport).contiguous(), 0, timeout)
+                     for spec in bucket]
             for work in works:
                 work.wait()
 
@@ -389,6 +401,7 @@ class _Membership:
     name: str
     group: Any
     store: torch.distributed.TCPStore
+    transport: torch.device
 
 
 class WeightReceiver:
@@ -484,7 +497,7 @@ class WeightReceiver:
         if not ann.buckets:
             return  # a repeated invitation of the group we are already in
         with self._cond:
-            bufs = self._pool.acquire(self._flat_sizes(ann), self.device)
+            bufs = self._pool.acquire(self._flat_sizes(ann), self._member.transport)
         try:
             state = self._receive(ann, bufs)
         except RuntimeError as exc:  # sender dropped the group or timed out: wait for the next invitation
@@ -516,12 +529,13 @@ class WeightReceiver:
             key = _current_key(self.cfg.sync_group_name)
             if not store.check([key]) or store.get(key).decode() != ann.group_name:
                 return  # a stale invitation: the sender has moved on to another generation
+            transport = transport_device(ann.layout, self.device)
             group = new_process_group(store, ann.group_name, self.rank, ann.world_size, self.cfg.sync_timeout_s,
-                                      self.device)
+                                      transport)
         except RuntimeError as exc:  # the group did not complete in time; the sender will invite again
             logger.warning("weight receiver %d: joining %s failed (%s)", self.rank, ann.group_name, exc)
             return
-        self._member = _Membership(ann.group_name, group, store)
+        self._member = _Membership(ann.group_name, group, store, transport)
         self.joins += 1
 
     def _receive(self, ann: WeightAnnouncement, bufs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -543,13 +557,14 @@ class WeightReceiver:
                 received.update(_views(bucket, offsets, buf))
             else:
                 for spec in bucket:
-                    tensor = torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype), device=self.device)
+                    tensor = torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype),
+                                         device=self._member.transport)
                     works.append(group.broadcast(tensor, 0, timeout))
                     received[spec.name] = tensor
         for work in works:
             work.wait()
-        return {name: t if t.dtype == self._template[name][0] else t.to(self._template[name][0])
-                for name, t in received.items()}
+        # No-ops (views stay views) when the wire dtype and the transport device already match the model's.
+        return {name: t.to(device=self.device, dtype=self._template[name][0]) for name, t in received.items()}
 
 
 def _views(bucket: Iterable[TensorSpec], offsets: list[int], buf: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -222,9 +222,19 @@ def test_missing_receiver_bounds_the_wait_and_training_goes_on():
         sender.close()
 
 
+@pytest.mark.unit
+def test_flat_buckets_always_travel_over_gloo_and_per_tensor_over_nccl_between_gpus():
+    from learner.weight_sync import transport_device
+
+    assert transport_device("flat", torch.device("cuda", 0)).type == "cpu"  # HF actors may share the GPU
+    assert transport_device("per_tensor", torch.device("cuda", 0)).type == "cuda"  # SGLang: NCCL
+    assert transport_device("per_tensor", torch.device("cpu")).type == "cpu"
+
+
 @pytest.mark.gpu
-def test_nccl_sender_and_receiver_on_one_gpu():
-    """One GPU: sender and an in-process receiver share it through NCCL (what one device can show)."""
+def test_gpu_learner_weights_reach_a_gpu_receiver_bitwise():
+    """What one GPU can show: GPU-resident weights packed through CPU staging (gloo), staged back on the GPU.
+    NCCL itself needs two GPUs (one communicator cannot hold two ranks on one device)."""
     cfg = _cfg()
     state = {k: v.cuda() for k, v in _state(8).items()}
     sender = WeightSender(cfg, world_size=2, device="cuda")
@@ -232,6 +242,7 @@ def test_nccl_sender_and_receiver_on_one_gpu():
     try:
         assert sender.broadcast(state, version=1)["perf/sync_ok"] == 1.0
         version, got = receiver.wait_for_version(1, timeout_s=60)
+        assert all(t.is_cuda for t in got.values())
         _assert_bitwise_equal({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in state.items()})
     finally:
         receiver.close()
