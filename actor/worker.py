@@ -31,6 +31,7 @@ from typing import Any, Sequence
 logger = logging.getLogger("actor")
 
 IDLE_SLEEP_S = 0.2
+BUFFER_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 
@@ -169,7 +170,8 @@ class Actor:
 
         attempt = 0
         while True:
-            client = BufferClient(self.cfg.buffer.address, timeout_s=30.0)
+            # Replies take milliseconds; a short timeout finds a restarted buffer quickly (requests are retry-safe).
+            client = BufferClient(self.cfg.buffer.address, timeout_s=BUFFER_TIMEOUT_S)
             try:
                 client.register("actor", self.actor_id)
                 return client

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from actor.worker import BUFFER_TIMEOUT_S
 from buffer.client import BufferClient
 from common.config import PRESETS, save_config, with_overrides
 from common.metrics import read_metrics
@@ -185,3 +186,85 @@ def _groups_at_version(client: BufferClient, version: int, timeout_s: float, act
         if fresh:
             return fresh
     raise AssertionError(f"no group at version {version}:\n{log.read_text()[-3000:]}")
+
+
+def test_engine_error_releases_the_lease_and_the_actor_goes_on(tmp_path, monkeypatch):
+    import threading
+
+    import actor.worker as worker
+    from actor.engines.hf import EngineError, HFEngine
+
+    class FailOnce(HFEngine):
+        failed = False
+
+        def generate(self, *args, **kwargs):
+            if not FailOnce.failed:
+                FailOnce.failed = True
+                raise EngineError("simulated failure")
+            return super().generate(*args, **kwargs)
+
+    class NoWeights:
+        def check(self):
+            pass
+
+        def take_latest(self):
+            return None
+
+        def wait_for_version(self, version, timeout_s):
+            return None
+
+        def close(self):
+            pass
+
+    def build(cfg, index, run_dir):
+        base = HFEngine.from_config(cfg)
+        engine = FailOnce(base.model, pad_token_id=base.pad_token_id, max_batch_sequences=8)
+        engine.stop_token_ids = base.stop_token_ids
+        return engine, NoWeights()
+
+    monkeypatch.setattr(worker, "_build_engine", build)
+    cfg = _config(tmp_path)
+    with buffer_and_actor(tmp_path, cfg) as (cfg, actor_proc, address):
+        actor_proc.kill()  # this test drives an in-process actor instead
+        actor = worker.Actor(with_overrides(cfg, buffer={"address": address}), 0, tmp_path)
+        thread = threading.Thread(target=actor.run, daemon=True)
+        thread.start()
+        try:
+            client = BufferClient(address, timeout_s=10)
+            deadline = time.monotonic() + 60
+            while not client.fetch("learner", 4).groups:
+                assert time.monotonic() < deadline and thread.is_alive()
+                time.sleep(0.2)
+            stats = client.stats()
+            assert FailOnce.failed and stats["leases_released"] >= 1 and stats["prompts_returned"] >= 1
+        finally:
+            actor.request_stop()
+            thread.join(30)
+            actor.close()
+    assert not thread.is_alive()
+
+
+def test_actor_reconnects_after_a_buffer_restart(tmp_path):
+    cfg = _config(tmp_path, buffer={"address": f"tcp://127.0.0.1:{_free_port()}"})
+    config_file = tmp_path / "config.json"
+    save_config(cfg, config_file)
+    argv = [sys.executable, "-m", "buffer.server", "--config-file", str(config_file)]
+    buffer = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "b1.log", "w"))
+    actor = _start([sys.executable, "-m", "actor.worker", "--config-file", str(config_file), "--run-dir",
+                    str(tmp_path)], tmp_path / "actor0.log")
+    try:
+        _fetch(BufferClient(cfg.buffer.address, timeout_s=10), 2, 60, actor, tmp_path / "actor0.log")
+        buffer.kill()
+        buffer.wait(10)
+        # Down for longer than the client's own retries (3 x BUFFER_TIMEOUT_S): the actor sees BufferTimeout and
+        # must reconnect itself rather than die.
+        time.sleep(3 * BUFFER_TIMEOUT_S + 1.0)
+        buffer = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "b2.log", "w"))
+        client = BufferClient(cfg.buffer.address, timeout_s=10)
+        _fetch(client, 2, 30, actor, tmp_path / "actor0.log")  # from the new buffer process
+        assert "reconnecting" in (tmp_path / "actor0.log").read_text()
+    finally:
+        for proc in (actor, buffer):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
