@@ -370,9 +370,10 @@ class Config:
 def _tiny() -> Config:
     """Random tiny model on a task it can learn quickly; used by the end-to-end tests (< 2 min).
 
-    The task is `larger_digit` ("Which is larger, 3 or 8?"), not arithmetic: a random character-level model never
-    computes sums, but learns the answer format and the skewed answer distribution of this task within a few dozen
-    steps (bench/tiny_task.py measures it). No system prompt keeps its prompts ~25 characters long.
+    The task is `larger_digit` ("Which is larger, 3 or 8?"), not arithmetic: on arithmetic the random
+    character-level model gets no reward signal (~0-2% before and after), while on larger_digit its held-out sampled
+    reward roughly doubles (~6% -> ~13%) within 30 steps, from the skewed answer distribution (bench/tiny_task.py).
+    No system prompt keeps its prompts ~25 characters long.
     """
     return Config(
         run=RunConfig(model="tiny", eval_every=5, eval_samples=2),
