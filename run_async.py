@@ -85,11 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         supervisor.start_learner()
         supervisor.start_actors()
         outcome = supervisor.watch(stop_requested, on_tick=printer.tick, refresh_s=REFRESH_S)
+        printer.tick(supervisor.buffer_stats())
     except RoleFailed as exc:
         printer.console.print(f"[bold red]run stopped:[/] {exc}")
     finally:
         supervisor.shutdown()
-    printer.tick(supervisor.buffer_stats())
     return final_report(run_dir, cfg, outcome, printer.console)
 
 

@@ -129,8 +129,9 @@ class BufferClient:
         """Exactly n_groups ServedGroups (oldest first), or an empty Batch if fewer are queued."""
         return self._call(Fetch(learner_id=learner_id, n_groups=n_groups, request_id=self._request_id()), Batch)
 
-    def report_version(self, version: int) -> None:
-        self._call(ReportVersion(version=version), Ack)
+    def report_version(self, version: int, rollback: bool = False) -> None:
+        """The learner's version after a step; rollback=True after resuming from an older checkpoint."""
+        self._call(ReportVersion(version=version, rollback=rollback), Ack)
 
     def stats(self) -> dict[str, Any]:
         return self._call(StatsRequest(), Stats).counters

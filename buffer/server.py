@@ -119,8 +119,8 @@ def metrics_record(stats: dict[str, Any], previous: dict[str, Any] | None, dt: f
     """`buffer/*` metrics from a stats dict; rates from the previous record."""
     scalar_keys = ("queue_depth", "in_flight", "live_leases", "admission_room", "epoch", "epoch_progress",
                    "leases_granted", "leases_expired", "leases_released", "prompts_leased", "groups_received",
-                   "groups_zero_variance", "groups_dropped_stale", "groups_served", "samples_received",
-                   "messages_bad")
+                   "groups_zero_variance", "groups_dropped_stale", "groups_dropped_rollback", "groups_served",
+                   "samples_received", "messages_bad")
     m: dict[str, float] = {f"buffer/{k}": stats[k] for k in scalar_keys}
     m["buffer/groups_rejected"] = sum(stats["groups_rejected"].values())
     for reason, count in stats["groups_rejected"].items():
@@ -310,7 +310,7 @@ class BufferServer:
 
     def _on_version(self, msg: ReportVersion, now: float) -> Ack:
         self._dirty = True
-        self.state.report_version(msg.version)
+        self.state.report_version(msg.version, rollback=msg.rollback)
         return Ack()
 
     def _on_stats(self, msg: StatsRequest, now: float) -> Stats:

@@ -109,6 +109,7 @@ class Counters(msgspec.Struct, kw_only=True):
     groups_rejected: dict[str, int] = msgspec.field(default_factory=dict)
     groups_zero_variance: int = 0
     groups_dropped_stale: int = 0
+    groups_dropped_rollback: int = 0
     groups_served: int = 0
     samples_received: int = 0
     staleness_hist: dict[int, int] = msgspec.field(default_factory=dict)
@@ -269,10 +270,16 @@ class BufferState:
         self.counters.groups_served += n_groups
         return Batch(groups=served, policy_version=self.policy_version, dropped_stale=dropped)
 
-    def report_version(self, version: int) -> None:
-        if version < self.policy_version:
+    def report_version(self, version: int, rollback: bool = False) -> None:
+        """A learner resumed from an older checkpoint reports with rollback=True: queued groups sampled by the
+        discarded newer weights can no longer be importance-corrected and are dropped (counted)."""
+        if version < self.policy_version and not rollback:
             raise Rejection("version_regression",
                             f"version: {version} is older than the buffer's policy_version {self.policy_version}")
+        if version < self.policy_version:
+            kept = deque(q for q in self.queue if _max_version(q.group) <= version)
+            self.counters.groups_dropped_rollback += len(self.queue) - len(kept)
+            self.queue = kept
         self.policy_version = version
 
     def count_bad_message(self, code: str) -> None:
@@ -603,3 +610,8 @@ def decode_snapshot(data: bytes) -> Snapshot:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ValueError(f"snapshot: cannot be decoded ({exc})") from None
 
+
+def _max_version(group: Group) -> int:
+    """Newest policy version of any token in the group (-1 for a group without tokens)."""
+    versions = [int(np.frombuffer(x.versions, VERSION_DTYPE).max()) for x in group.samples if x.n_tokens]
+    return max(versions, default=-1)

@@ -37,7 +37,8 @@ class MetricsTail:
 class ProgressPrinter:
     def __init__(self, run_dir: Path, cfg: Config):
         self.cfg = cfg
-        self.console = Console(highlight=False)
+        # A fixed wide width keeps one line per refresh when stdout is a log file, not a terminal.
+        self.console = Console(highlight=False, width=200, soft_wrap=True)
         self.tail = MetricsTail(run_dir / "metrics.jsonl")
         self.latest: dict[str, Any] = {}
         self.samples = 0
@@ -45,7 +46,10 @@ class ProgressPrinter:
 
     def tick(self, buffer_stats: dict[str, Any]) -> None:
         for rec in self.tail.new_records():
-            self.latest.update({k: v for k, v in rec.items() if v is not None})
+            fields = {k: v for k, v in rec.items() if v is not None}
+            if rec.get("role") != "learner":
+                fields.pop("step", None)  # the step shown is the learner's; other roles count their own
+            self.latest.update(fields)
         self.console.print(self.line(buffer_stats))
 
     def line(self, stats: dict[str, Any]) -> str:
@@ -57,7 +61,7 @@ class ProgressPrinter:
             f"reward {_fmt(m.get('reward/mean'))}",
             f"eval@1 {_fmt(m.get('eval/pass@1'))}",
             f"samples/s {samples / max(elapsed, 1e-9):.1f}",
-            f"idle {_pct(m.get('perf/learner_idle_fraction'))}",
+            f"idle {_pct(m.get('time/idle_fraction'))}",
             f"queue {stats.get('queue_depth', '?')}",
             f"stale {_fmt(m.get('buffer/staleness/mean'), 1)}",
             f"{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}",

@@ -133,6 +133,8 @@ class Fetch(_Msg, tag="fetch"):
 
 class ReportVersion(_Msg, tag="version"):
     version: int
+    rollback: bool = False
+    """True when a resumed learner goes back to an older checkpoint's version."""
 
 
 class StatsRequest(_Msg, tag="stats"):

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -107,14 +107,18 @@ def build_sender(cfg: Config, device: torch.device) -> Any:
     return WeightSender(cfg.learner, world_size, device, layout, wire_dtype=getattr(torch, cfg.actor.dtype))
 
 
-def fetch_batch(client: Any, cfg: Config, stop: StopRequested) -> tuple[Batch | None, float]:
-    """Exactly groups_per_step groups (None if stopped) and the seconds spent waiting for them."""
+def fetch_batch(client: Any, cfg: Config, stop: StopRequested,
+                on_wait: Callable[[], None] = lambda: None) -> tuple[Batch | None, float]:
+    """Exactly groups_per_step groups (None if stopped) and the seconds spent waiting for them.
+
+    `on_wait` runs between polls (the learner re-sends weights that did not reach every actor)."""
     start = time.perf_counter()
     pause = FETCH_BACKOFF_S[0]
     while not stop:
         batch = client.fetch("learner", cfg.learner.groups_per_step)
         if batch.groups:
             return batch, time.perf_counter() - start
+        on_wait()
         if time.perf_counter() - start > cfg.learner.fetch_timeout_s:
             raise TimeoutError(f"no batch from the buffer for {cfg.learner.fetch_timeout_s:.0f} s "
                                f"(learner.fetch_timeout_s); buffer stats: {client.stats()}")
@@ -169,14 +173,47 @@ class Evaluator:
         return evaluate(model, self.tokenizer, self.prompts, self.cfg)
 
 
-def run_step(state: LearnerState, batch: Batch, cfg: Config, sender: Any, client: Any,
+class Publisher:
+    """Broadcasts each new version, then reports it to the buffer (the order docs/INTERFACES.md fixes).
+
+    A broadcast that did not reach every actor (a receiver died or has not joined yet) is retried from the fetch
+    wait with a short join wait: actors only generate with weights at least as new as the reported version, so
+    without the retry a missed version would leave them waiting while the learner waits for their groups."""
+
+    RETRY_EVERY_S = 2.0
+    RETRY_JOIN_WAIT_S = 1.0
+
+    def __init__(self, sender: Any, client: Any):
+        self.sender = sender
+        self.client = client
+        self.synced_version = -1
+        self._last_try = 0.0
+
+    def publish(self, model: torch.nn.Module, version: int, rollback: bool = False) -> dict[str, float]:
+        """rollback=True after resuming: the buffer may have seen newer versions than the checkpoint's."""
+        metrics = self.sender.broadcast(model, version)
+        self._record(metrics, version)
+        self.client.report_version(version, rollback=rollback)
+        return metrics
+
+    def retry_if_behind(self, model: torch.nn.Module, version: int) -> None:
+        if self.synced_version >= version or time.monotonic() - self._last_try < self.RETRY_EVERY_S:
+            return
+        self._record(self.sender.broadcast(model, version, join_wait_s=self.RETRY_JOIN_WAIT_S), version)
+
+    def _record(self, metrics: dict[str, float], version: int) -> None:
+        self._last_try = time.monotonic()
+        if metrics.get("perf/sync_ok"):
+            self.synced_version = version
+
+
+def run_step(state: LearnerState, batch: Batch, cfg: Config, publisher: Publisher | None,
              fetch_wait_s: float) -> dict[str, float]:
     """Train on one batch, broadcast version V, then report V; returns the step's metrics."""
     start = time.perf_counter()
     metrics = train_step(state, batch, cfg)
-    if sender is not None:
-        metrics.update(sender.broadcast(state.model, state.version))
-        client.report_version(state.version)
+    if publisher is not None:
+        metrics.update(publisher.publish(state.model, state.version))
     step_s = time.perf_counter() - start
     metrics.update({"time/fetch_wait_s": fetch_wait_s, "time/step_s": step_s,
                     "time/idle_fraction": fetch_wait_s / (fetch_wait_s + step_s)})
@@ -190,23 +227,26 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
     lead = rank == 0
     client = BufferClient(connect_address(cfg.buffer.address)) if lead else None
     sender = build_sender(cfg, device) if lead else None
+    publisher = Publisher(sender, client) if lead else None
     metrics_log = MetricsLogger(run_dir, "learner", cfg.run.wandb_mode, cfg.run.wandb_project,
                                 config_to_dict(cfg)) if lead else None
     evaluator = Evaluator(cfg) if lead else None
     try:
         if lead:
             client.register("learner", "learner")
-            if state.version > 0:  # resumed: actors may hold older weights
-                metrics_log.log(state.version, sender.broadcast(state.model, state.version))
-                client.report_version(state.version)
+            if state.version > 0:  # resumed: actors may hold other weights, the buffer a newer version
+                metrics_log.log(state.version, publisher.publish(state.model, state.version, rollback=True))
+            else:  # actors start from the same initial weights
+                publisher.synced_version = 0
             if evaluator.due(state.version, last=False):
                 metrics_log.log(state.version, evaluator.run(state.model))
         while state.version < cfg.learner.total_steps and not stop:
-            batch, waited = fetch_batch(client, cfg, stop) if lead else (None, 0.0)
+            batch, waited = (fetch_batch(client, cfg, stop, lambda: publisher.retry_if_behind(
+                state.model, state.version)) if lead else (None, 0.0))
             batch = share_batch(batch, world, device)
             if batch is None:
                 break
-            metrics = run_step(state, batch, cfg, sender, client, waited)
+            metrics = run_step(state, batch, cfg, publisher, waited)
             if not lead:
                 continue
             every = cfg.learner.checkpoint_every

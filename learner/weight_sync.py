@@ -262,27 +262,31 @@ class WeightSender:
     def group_name(self) -> str:
         return f"{self.cfg.sync_group_name}_{self._session}_g{self.generation}"
 
-    def broadcast(self, weights: torch.nn.Module | Mapping[str, torch.Tensor], version: int) -> dict[str, float]:
-        """Send `weights` as `version` to every receiver; never blocks longer than sync_timeout_s."""
+    def broadcast(self, weights: torch.nn.Module | Mapping[str, torch.Tensor], version: int,
+                  join_wait_s: float | None = None) -> dict[str, float]:
+        """Send `weights` as `version` to every receiver; never blocks longer than sync_timeout_s.
+
+        `join_wait_s` overrides how long to wait for an incomplete group to form (a short wait suits retries
+        from an idle loop)."""
         start = time.perf_counter()
         self.last_version = version
         named = unique_named_tensors(weights, self.wire_dtype)
         buckets = plan_buckets(named, self.cfg.sync_bucket_mb * 1024 * 1024)
-        group = self._ensure_group(version)
+        group = self._ensure_group(version, self.join_wait_s if join_wait_s is None else join_wait_s)
         ok = group is not None and self._send_version(group, named, buckets, version)
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
         elapsed = time.perf_counter() - start
         return {"time/sync_s": elapsed, "perf/sync_ok": float(ok), "perf/sync_generation": self.generation,
                 "perf/sync_bytes": nbytes, "perf/sync_gb_per_s": nbytes / 1e9 / elapsed if ok else 0.0}
 
-    def _ensure_group(self, version: int) -> Any:
+    def _ensure_group(self, version: int, join_wait_s: float) -> Any:
         if self._group is not None:
             return self._group
         if self._formation is None:
             self._formation = self._start_formation(version)
-        if not self._formation.done.wait(self.join_wait_s):
-            logger.warning("weight sync: group %s incomplete after %.1f s; training on, retrying next version",
-                           self.group_name, self.join_wait_s)
+        if not self._formation.done.wait(join_wait_s):
+            logger.warning("weight sync: group %s incomplete after %.1f s; training on, retrying later",
+                           self.group_name, join_wait_s)
             return None
         formation, self._formation = self._formation, None
         if formation.error is not None:

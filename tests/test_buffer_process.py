@@ -137,6 +137,7 @@ def test_load_8_producers_20k_groups_all_accounted(tmp_path: Path):
     # Every accepted group ends served, dropped (zero variance or stale) or queued; none is served twice.
     assert stats["queue_depth"] == 0
     assert stats["groups_received"] == (stats["groups_served"] + stats["groups_dropped_stale"]
+                                        + stats["groups_dropped_rollback"]
                                         + stats["groups_zero_variance"])
     assert len(served) == len(set(served)) == stats["groups_served"]
     assert set(served) <= accepted

@@ -91,6 +91,7 @@ def test_round_trip_allocation_and_exact_stats():
         stats = client.stats()
         assert stats["groups_served"] == 2 and stats["epoch"] == 1 and stats["in_flight"] == 4
         assert stats["groups_received"] == (stats["groups_served"] + stats["groups_dropped_stale"]
+                                            + stats["groups_dropped_rollback"]
                                             + stats["groups_zero_variance"] + stats["queue_depth"])
 
 

@@ -39,7 +39,8 @@ def mixed(n: int) -> list[bool]:
 
 def invariant_holds(state: BufferState) -> bool:
     c = state.counters
-    return c.groups_received == c.groups_served + c.groups_dropped_stale + c.groups_zero_variance + len(state.queue)
+    return (c.groups_received == c.groups_served + c.groups_dropped_stale + c.groups_dropped_rollback
+            + c.groups_zero_variance + len(state.queue))
 
 
 def test_lease_submit_fetch_round_trip_updates_stats_exactly():
@@ -356,3 +357,19 @@ def test_epoch_priority_refresh_uses_stats_frozen_at_epoch_start():
     epoch1 = state.lease("a0", 4, now=0.0)
     n = {it.prompt_id: it.n for it in epoch1.items}
     assert state.epoch == 1 and n == {"p0": 6, "p1": 2, "p2": 6, "p3": 2}  # now priority-driven
+
+
+def test_rollback_after_resume_drops_groups_from_discarded_versions():
+    # A learner resumed from its version-1 checkpoint while the buffer already saw version 3: the queued group
+    # sampled at version 1 stays, the one sampled at version 2 (weights that no longer exist) is dropped.
+    state = BufferState(make_cfg(algo={"max_staleness": 3}, learner={"groups_per_step": 2}), make_prompts(8))
+    grant = state.lease("a0", 2, now=0.0)
+    a, b = [it.prompt_id for it in grant.items]
+    state.report_version(3)
+    state.submit(grant.lease_id, make_group(a, [True, False], version=1), now=0.0)
+    state.submit(grant.lease_id, make_group(b, [True, False], version=2), now=0.0)
+    state.report_version(1, rollback=True)
+    assert state.policy_version == 1
+    assert [q.group.prompt_id for q in state.queue] == [a]
+    assert state.counters.groups_dropped_rollback == 1
+    assert invariant_holds(state)
