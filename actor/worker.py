@@ -101,8 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s actor{index} %(levelname)s %(message)s")
     import torch
 
-    if cfg.actor.threads > 0:
-        torch.set_num_threads(cfg.actor.threads)
+    torch.set_num_threads(cfg.torch_threads("actor"))
     actor = Actor(cfg, index, run_dir)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: actor.request_stop())
@@ -171,7 +170,7 @@ class Actor:
         attempt = 0
         while True:
             # Replies take milliseconds; a short timeout finds a restarted buffer quickly (requests are retry-safe).
-            client = BufferClient(self.cfg.buffer.address, timeout_s=BUFFER_TIMEOUT_S)
+            client = BufferClient.from_config(self.cfg.buffer, timeout_s=BUFFER_TIMEOUT_S)
             try:
                 client.register("actor", self.actor_id)
                 return client

@@ -68,6 +68,15 @@ class BufferProtocolError(BufferError):
 
 
 class BufferClient:
+    @classmethod
+    def from_config(cls, buffer_cfg: Any, *, timeout_s: float = 30.0) -> "BufferClient":
+        """A client for the buffer a BufferConfig describes (bind address made connectable, CURVE keys if set)."""
+        from common.addresses import connect_address
+
+        return cls(connect_address(buffer_cfg.address), timeout_s=timeout_s,
+                   curve_server_public_key_file=buffer_cfg.curve_server_public_key_file,
+                   curve_client_secret_key_file=buffer_cfg.curve_client_secret_key_file)
+
     def __init__(self, address: str, *, timeout_s: float = 30.0, curve_server_public_key_file: str = "",
                  curve_client_secret_key_file: str = "", retries: int = 2):
         self.address = address

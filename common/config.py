@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -202,6 +203,10 @@ class BufferConfig:
     """ZeroMQ CURVE server secret key file (enables authentication); '' binds without CURVE."""
     curve_public_keys_dir: str = ""
     """Directory of authorised client public keys (with curve_secret_key_file)."""
+    curve_server_public_key_file: str = ""
+    """For clients (actors, learner, supervisor) of a CURVE buffer: the server's public key file."""
+    curve_client_secret_key_file: str = ""
+    """For clients of a CURVE buffer: this client's secret key file (from `python -m buffer.keys`)."""
 
     def __post_init__(self) -> None:
         _check(self.address.startswith(("tcp://", "ipc://", "inproc://")), "buffer.address",
@@ -211,6 +216,8 @@ class BufferConfig:
         _check(self.max_message_bytes >= 1024, "buffer.max_message_bytes", "must be >= 1024")
         _check(self.max_queued_groups >= 1, "buffer.max_queued_groups", "must be >= 1")
         _check(self.snapshot_interval_s > 0, "buffer.snapshot_interval_s", "must be > 0")
+        _check(bool(self.curve_server_public_key_file) == bool(self.curve_client_secret_key_file),
+               "buffer.curve_client_secret_key_file", "CURVE clients need both the server public key and a secret")
 
 
 @dataclass(frozen=True)
@@ -236,7 +243,7 @@ class ActorConfig:
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu` or `cuda:N`."""
     threads: int = 0
-    """torch CPU threads for the engine (0: torch's default)."""
+    """torch CPU threads for the engine (0: this host's cores shared evenly by the actors and the learner)."""
     sglang_urls: tuple[str, ...] = ()
     """Existing SGLang servers to attach to; empty with engine=sglang launches one per actor."""
     sglang_tp_size: int = 1
@@ -285,7 +292,7 @@ class LearnerConfig:
     device: str = "auto"
     """`auto`, `cpu` or `cuda:N`."""
     threads: int = 0
-    """torch CPU threads for the learner (0: torch's default)."""
+    """torch CPU threads for the learner (0: this host's cores shared evenly by the actors and the learner)."""
     checkpoint_every: int = 10
     """Steps between checkpoints (0: only at the end and on SIGTERM)."""
     sync_address: str = "127.0.0.1:29555"
@@ -361,6 +368,14 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.algo.n_max * self.buffer.wave_size >= 1, "buffer.wave_size", "empty waves")
 
+    def torch_threads(self, role: str) -> int:
+        """Threads for `role` ("actor" | "learner"): the configured number, or the cores split between the
+        roles of this host. Oversubscribing (each process taking every core) made CPU steps 10x slower here."""
+        configured = self.actor.threads if role == "actor" else self.learner.threads
+        if configured:
+            return configured
+        return max(1, (os.cpu_count() or 1) // (self.actor.num_actors + 1))
+
     @property
     def truncation_length(self) -> int:
         """ADORA truncation threshold in tokens (defaults to the generation limit)."""
@@ -388,8 +403,17 @@ def _tiny() -> Config:
 
 
 def _cpu_demo() -> Config:
-    """The embedded default: SmolLM2-135M-Instruct on 2-term 1-digit arithmetic, ~15 min on 2 CPU cores."""
-    return Config()
+    """The embedded default: SmolLM2-135M-Instruct on 2-term 1-digit arithmetic, ~15 min on 2 CPU cores.
+
+    The engine runs in float32: on CPUs without native bf16 kernels it beats bfloat16 at batch 64
+    (docs/BENCHMARKS.md, generation). A learner step on ~32 samples of ~55 tokens takes ~12 s on 2 cores (the
+    forward+backward is compute-bound), so 4 informative groups per step keep 40 steps inside ~15 minutes; zero-
+    variance groups are never trained on, so every group of a batch carries signal."""
+    return Config(
+        run=RunConfig(eval_every=20),
+        actor=ActorConfig(dtype="float32"),
+        learner=LearnerConfig(groups_per_step=4),
+    )
 
 
 def _gpu_cluster() -> Config:
@@ -399,7 +423,8 @@ def _gpu_cluster() -> Config:
         algo=AlgorithmConfig(n_mean=16, n_min=8, n_max=24, initial_budget=4, max_staleness=4),
         task=TaskConfig(size=8192, eval_size=512, system_prompt="Put the final answer in \\boxed{}."),
         buffer=BufferConfig(wave_size=64, address="tcp://0.0.0.0:5555"),
-        actor=ActorConfig(engine="sglang", num_actors=2, prompts_per_lease=64, max_new_tokens=4096),
+        actor=ActorConfig(engine="sglang", num_actors=2, prompts_per_lease=64, max_new_tokens=4096,
+                          dtype="bfloat16"),
         learner=LearnerConfig(groups_per_step=512, mini_batches=16, micro_batch_tokens=32768, total_steps=500,
                               lr=1e-6, warmup_steps=10, weight_decay=0.1, dtype="bfloat16"),
     )

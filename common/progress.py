@@ -99,5 +99,5 @@ def final_report(run_dir: Path, cfg: Config, outcome: str, console: Console) -> 
             f"{last['eval/pass@1']:.3f} (step {last['step']}); pass@{k}: "
             f"{first.get(f'eval/pass@{k}', float('nan')):.3f} -> {last.get(f'eval/pass@{k}', float('nan')):.3f}")
     console.print(f"metrics: {run_dir / 'metrics.jsonl'} | wandb (offline): wandb sync {run_dir / 'wandb'}")
-    console.print(f"inspect the buffer: python -m buffer.inspect summary --snapshot {run_dir / 'buffer_snapshot.msgpack'}")
+    console.print(f"inspect the buffer: python -m buffer.inspect --snapshot {run_dir / 'buffer_snapshot.msgpack'} summary")
     return 0 if outcome in ("completed", "stopped") else 1

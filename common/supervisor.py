@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common.addresses import connect_address
 from common.config import Config
 from common.processes import RoleProcess
 
@@ -99,7 +98,7 @@ class Supervisor:
         from buffer.client import BufferClient, BufferTimeout
 
         if self._client is None:
-            self._client = BufferClient(connect_address(self.cfg.buffer.address), timeout_s=2.0)
+            self._client = BufferClient.from_config(self.cfg.buffer, timeout_s=2.0)
         try:
             return self._client.stats()
         except BufferTimeout:

@@ -30,7 +30,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from common.addresses import connect_address
 from common.config import Config, config_to_dict, parse_cli
 from common.metrics import MetricsLogger
 from common.schemas import Batch, decode_message, encode_message
@@ -82,8 +81,7 @@ def build_learner(cfg: Config, run_dir: Path, resume: bool, device: torch.device
     from common.models import load_model
 
     torch.manual_seed(cfg.run.seed)
-    if cfg.learner.threads:
-        torch.set_num_threads(cfg.learner.threads)
+    torch.set_num_threads(cfg.torch_threads("learner"))
     model = load_model(cfg.run.model, dtype=getattr(torch, cfg.learner.dtype), device=device)
     state = build_state(model, cfg.learner)
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -225,7 +223,7 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
     from buffer.client import BufferClient
 
     lead = rank == 0
-    client = BufferClient(connect_address(cfg.buffer.address)) if lead else None
+    client = BufferClient.from_config(cfg.buffer) if lead else None
     sender = build_sender(cfg, device) if lead else None
     publisher = Publisher(sender, client) if lead else None
     metrics_log = MetricsLogger(run_dir, "learner", cfg.run.wandb_mode, cfg.run.wandb_project,

@@ -266,6 +266,12 @@ def test_curve_authentication(tmp_path: Path):
         with BufferClient(endpoint, timeout_s=5, curve_server_public_key_file=str(keys["server_public"]),
                           curve_client_secret_key_file=str(keys["client_secret"])) as client:
             assert client.stats()["policy_version"] == 0
+        # Roles build their client from the config: the same keys given as buffer.curve_* fields.
+        client_cfg = with_overrides(cfg, buffer={"address": endpoint,
+                                                 "curve_server_public_key_file": str(keys["server_public"]),
+                                                 "curve_client_secret_key_file": str(keys["client_secret"])})
+        with BufferClient.from_config(client_cfg.buffer, timeout_s=5) as client:
+            assert client.stats()["policy_version"] == 0
         with BufferClient(endpoint, timeout_s=0.5, retries=0) as anonymous:  # no keys: never answered
             with pytest.raises(BufferTimeout):
                 anonymous.stats()
