@@ -14,7 +14,6 @@ define the learner's training window and map a time to generated samples; both b
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from common.processes import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_LOG = "run_async.log"
@@ -130,7 +131,7 @@ def launch(cmd: list[str], run_dir: Path, timeout_s: float) -> float:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=REPO_ROOT, start_new_session=True, preexec_fn=_die_with_parent,
+                                cwd=REPO_ROOT, start_new_session=True, preexec_fn=die_with_parent,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     code = _wait(proc, timeout_s)
     wall = time.time() - started
@@ -172,12 +173,6 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this child when the driver dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Linux: ask the kernel to SIGTERM this (child) process when its parent dies, even by SIGKILL."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
@@ -45,7 +46,7 @@ class RoleProcess:
         log.write(f"\n=== start {self.name} (restart {self.restarts}) at {time.ctime()} ===\n".encode())
         log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        preexec = die_with_parent if sys.platform.startswith("linux") else None
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                      cwd=Path(__file__).resolve().parents[1], preexec_fn=preexec)

@@ -83,6 +83,18 @@ def _role_pid(run_dir: Path, module: str) -> int:
     return pids[0]
 
 
+def _kill_role_mid_run(cmd: list[str], run_dir: Path, module: str, at_step: int, timeout: float) -> tuple[int, str]:
+    """Start a run, SIGKILL the process running `module` once the learner logged `at_step`, wait for the end."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(run_dir, at_step, proc)
+        os.kill(_role_pid(run_dir, module), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, out
+
+
 def test_tiny_preset_learns_accounts_for_every_group_and_leaves_no_process(tmp_path):
     proc = _run(_command(tmp_path, "learn"))
     run_dir = tmp_path / "learn"
@@ -107,14 +119,8 @@ def test_actor_killed_is_restarted_and_its_lease_reissued(tmp_path):
     run_dir = tmp_path / "kill-actor"
     cmd = _command(tmp_path, "kill-actor", "--buffer.lease-timeout-s", "4", "--learner.total-steps", "16",
                    "--learner.sync-timeout-s", "20")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for_step(run_dir, 4, proc)
-        os.kill(_role_pid(run_dir, "actor.worker"), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out
+    returncode, out = _kill_role_mid_run(cmd, run_dir, "actor.worker", at_step=4, timeout=240)
+    assert returncode == 0, out
     assert "actor0 exited with status -9; restarting" in out
     assert (run_dir / "logs" / "actor0.log").read_text().count("=== start actor0") == 2
     counters = _final_counters(run_dir)
@@ -128,14 +134,8 @@ def test_actor_killed_is_restarted_and_its_lease_reissued(tmp_path):
 def test_learner_killed_stops_the_run_and_resume_continues_with_the_same_statistics(tmp_path):
     run_dir = tmp_path / "kill-learner"
     cmd = _command(tmp_path, "kill-learner", "--learner.total-steps", "14", "--learner.checkpoint-every", "5")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for_step(run_dir, 7, proc)
-        os.kill(_role_pid(run_dir, "learner.train"), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 1, out
+    returncode, out = _kill_role_mid_run(cmd, run_dir, "learner.train", at_step=7, timeout=120)
+    assert returncode == 1, out
     assert "learner exited with status -9" in out and str(run_dir / "logs" / "learner.log") in out
     assert _processes_mentioning(str(run_dir)) == []
     before = decode_snapshot((run_dir / "buffer_snapshot.msgpack").read_bytes())
