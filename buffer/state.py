@@ -111,6 +111,8 @@ class Counters(msgspec.Struct, kw_only=True):
     groups_dropped_stale: int = 0
     groups_dropped_rollback: int = 0
     groups_served: int = 0
+    groups_served_discarded: int = 0
+    """Served groups whose training steps a learner rollback discarded; admission control stops counting them."""
     samples_received: int = 0
     staleness_hist: dict[int, int] = msgspec.field(default_factory=dict)
     messages_bad: int = 0
@@ -193,7 +195,8 @@ class BufferState:
     def admission_room(self) -> int:
         """Prompts that may still be leased before some group could exceed max_staleness (SPEC §5)."""
         limit = (self.policy_version + self.cfg.algo.max_staleness + 1) * self.cfg.learner.groups_per_step
-        return limit - (self.counters.groups_served + len(self.queue) + self.in_flight)
+        served = self.counters.groups_served - self.counters.groups_served_discarded
+        return limit - (served + len(self.queue) + self.in_flight)
 
     # ------------------------------------------------------------------------------------------- requests
 
@@ -280,6 +283,11 @@ class BufferState:
             kept = deque(q for q in self.queue if _max_version(q.group) <= version)
             self.counters.groups_dropped_rollback += len(self.queue) - len(kept)
             self.queue = kept
+            # The discarded steps consumed their batches; without this the staleness window would stay full of
+            # groups no version will ever account for, and leasing (hence training) would stop.
+            c = self.counters
+            discarded = (self.policy_version - version) * self.cfg.learner.groups_per_step
+            c.groups_served_discarded += min(discarded, c.groups_served - c.groups_served_discarded)
         self.policy_version = version
 
     def count_bad_message(self, code: str) -> None:

@@ -373,3 +373,21 @@ def test_rollback_after_resume_drops_groups_from_discarded_versions():
     assert [q.group.prompt_id for q in state.queue] == [a]
     assert state.counters.groups_dropped_rollback == 1
     assert invariant_holds(state)
+
+
+def test_rollback_frees_the_admission_window_of_discarded_steps():
+    # groups_per_step 2, max_staleness 0: one batch per version. Serve versions 0..2 (6 groups), then the learner
+    # resumes at version 1: the 4 groups served to steps 2 and 3 (versions 1->2, 2->3) are discarded, so the window
+    # (1 + 0 + 1) * 2 = 4 minus the 2 still-counted served groups leaves room for exactly 2 prompts.
+    state = BufferState(make_cfg(algo={"max_staleness": 0}, learner={"groups_per_step": 2}), make_prompts(8))
+    for version in range(3):
+        grant = state.lease("a0", 2, now=0.0)
+        for it in grant.items:
+            state.submit(grant.lease_id, make_group(it.prompt_id, mixed(it.n), version=version), now=0.0)
+        assert len(state.fetch(2).groups) == 2
+        state.report_version(version + 1)
+    assert state.admission_room() == 2  # (3 + 1) * 2 - 6 served
+    state.report_version(1, rollback=True)
+    assert state.counters.groups_served_discarded == 4
+    assert state.admission_room() == 2  # (1 + 1) * 2 - (6 - 4): without the discard it would be -2: no leases
+    assert len(state.lease("a0", 5, now=0.0).items) == 2
