@@ -357,16 +357,21 @@ class SGLangFollower:
         return self
 
     def _run(self) -> None:
-        from learner.weight_sync import ControlSubscriber
+        from learner.weight_sync import ControlSubscriber, request_rejoin
 
         subscriber = ControlSubscriber(self.cfg.learner.sync_control_address)
+        rejoin_sent = False
         try:
             while not self._stop.is_set():
+                if not rejoin_sent:  # a restarted engine holds no group: have the learner re-invite and re-send
+                    rejoin_sent = request_rejoin(self.cfg.learner, self.engine.rank_offset)
                 ann = subscriber.recv(timeout_s=0.2)
                 if ann is None:
                     continue
                 if not ann.buckets or ann.version > self.engine.policy_version:
                     self.engine.update_from_announcement(ann)
+                    if not ann.buckets:
+                        request_rejoin(self.cfg.learner, self.engine.rank_offset, wanted=False)
                     with self._updated:
                         self._updated.notify_all()
         except Exception as exc:  # noqa: BLE001 - re-raised in the actor's main thread by check()

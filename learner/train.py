@@ -174,9 +174,10 @@ class Evaluator:
 class Publisher:
     """Broadcasts each new version, then reports it to the buffer (the order docs/INTERFACES.md fixes).
 
-    A broadcast that did not reach every actor (a receiver died or has not joined yet) is retried from the fetch
-    wait with a short join wait: actors only generate with weights at least as new as the reported version, so
-    without the retry a missed version would leave them waiting while the learner waits for their groups."""
+    A broadcast that did not reach every actor (a receiver died or has not joined yet, or a restarted receiver
+    asked to rejoin) is retried from the fetch wait with a short join wait: actors only generate with weights at
+    least as new as the reported version, so without the retry a missed version would leave them waiting while the
+    learner waits for their groups."""
 
     RETRY_EVERY_S = 2.0
     RETRY_JOIN_WAIT_S = 1.0
@@ -195,7 +196,11 @@ class Publisher:
         return metrics
 
     def retry_if_behind(self, model: torch.nn.Module, version: int) -> None:
-        if self.synced_version >= version or time.monotonic() - self._last_try < self.RETRY_EVERY_S:
+        """Re-send `version` if a broadcast missed an actor or a receiver asked to rejoin (at most every 2 s)."""
+        if time.monotonic() - self._last_try < self.RETRY_EVERY_S:
+            return
+        self._last_try = time.monotonic()
+        if self.synced_version >= version and not self.sender.rejoin_requested():
             return
         self._record(self.sender.broadcast(model, version, join_wait_s=self.RETRY_JOIN_WAIT_S), version)
 

@@ -36,6 +36,13 @@ Protocol, per `WeightSender.broadcast(weights, version)`:
    fail (connection closed, or their own `sync_timeout_s`), leave it, and follow the next invitation; a restarted
    actor joins the same way. So the learner never blocks longer than `sync_timeout_s` per attempt, and a receiver
    that joins late gets the next version after it joined.
+4. Rejoin requests: a receiver that (re)starts or loses its group raises the store counter
+   `<sync_group_name>/rejoin/<rank>` (`request_rejoin`) and takes it back once it has joined a group. A sender that
+   holds a complete group while some rank's counter is non-zero drops that group at its next broadcast, and the
+   learner checks the counters while it waits for a batch (`rejoin_requested`), so the current version is
+   re-sent. Without it a receiver killed right after a
+   broadcast that still completed on the sender's side leaves the sender holding a group it believes whole: the
+   restarted actor waits for weights, the learner for its groups, and no new version ever comes.
 
 Receivers stage every version in pooled receive buffers (never the live model; the staged tensors are views of
 the flat buckets, so there is no unpacking copy); `take_latest()` hands the newest complete version to the engine,
@@ -172,6 +179,32 @@ def _current_key(base_name: str) -> str:
     return f"{base_name}/current"
 
 
+def _rejoin_key(base_name: str, rank: int) -> str:
+    return f"{base_name}/rejoin/{rank}"
+
+
+REJOIN_CONNECT_TIMEOUT_S = 5.0
+
+
+def request_rejoin(learner_cfg: LearnerConfig, rank: int, wanted: bool = True) -> bool:
+    """Ask the sender to rebuild its group and re-send its current version, or (wanted=False, once joined) take
+    the request back. False: the store did not answer (the learner is not up yet, or has gone).
+
+    A receiver that (re)starts, or whose receive failed, asks: a sender whose last broadcast completed into the
+    socket buffers of a receiver that then died still holds a group it believes whole, and while the learner
+    waits for groups no new version would ever reveal it.
+    """
+    key = _rejoin_key(learner_cfg.sync_group_name, rank)
+    try:
+        store = _connect_store(learner_cfg.sync_address, min(learner_cfg.sync_timeout_s, REJOIN_CONNECT_TIMEOUT_S),
+                               is_master=False)
+        store.add(key, 1 if wanted else -int(store.add(key, 0)))
+    except RuntimeError as exc:
+        logger.info("weight sync: rank %d rejoin flag not written (%s)", rank, exc)
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- control channel
 
 
@@ -279,7 +312,15 @@ class WeightSender:
         return {"time/sync_s": elapsed, "perf/sync_ok": float(ok), "perf/sync_generation": self.generation,
                 "perf/sync_bytes": nbytes, "perf/sync_gb_per_s": nbytes / 1e9 / elapsed if ok else 0.0}
 
+    def rejoin_requested(self) -> bool:
+        """Whether a receiver rank has asked to (re)join and not joined since (`request_rejoin`)."""
+        base = self.cfg.sync_group_name
+        return any(int(self._store.add(_rejoin_key(base, rank), 0)) > 0 for rank in range(1, self.world_size))
+
     def _ensure_group(self, version: int, join_wait_s: float) -> Any:
+        if self._group is not None and self.rejoin_requested():
+            logger.info("weight sync: a receiver asked to rejoin; rebuilding %s", self.group_name)
+            self.abandon_group()
         if self._group is not None:
             return self._group
         if self._formation is None:
@@ -431,6 +472,8 @@ class WeightReceiver:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._rejoin_sent = False
+        """Whether the sender was asked to (re)build its group since this receiver last lost its membership."""
         self.joins = 0
         """How many groups this receiver has joined (a test and metrics hook)."""
 
@@ -482,6 +525,8 @@ class WeightReceiver:
         subscriber = ControlSubscriber(self.cfg.sync_control_address)
         try:
             while not self._stop.is_set():
+                if self._member is None and not self._rejoin_sent:
+                    self._rejoin_sent = request_rejoin(self.cfg, self.rank)
                 announcement = subscriber.recv(timeout_s=0.2)
                 if announcement is not None:
                     self._handle(announcement)
@@ -508,6 +553,7 @@ class WeightReceiver:
             logger.warning("weight receiver %d: version %d on %s failed (%s)", self.rank, ann.version,
                            ann.group_name, exc)
             self._member = None
+            self._rejoin_sent = False
             with self._cond:
                 self._pool.release(bufs)
             return
@@ -540,6 +586,7 @@ class WeightReceiver:
             logger.warning("weight receiver %d: joining %s failed (%s)", self.rank, ann.group_name, exc)
             return
         self._member = _Membership(ann.group_name, group, store, transport)
+        request_rejoin(self.cfg, self.rank, wanted=False)
         self.joins += 1
 
     def _receive(self, ann: WeightAnnouncement, bufs: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -83,12 +83,41 @@ def _role_pid(run_dir: Path, module: str) -> int:
     return pids[0]
 
 
-def _kill_role_mid_run(cmd: list[str], run_dir: Path, module: str, at_step: int, timeout: float) -> tuple[int, str]:
+def _kill_while_holding_a_lease(run_dir: Path, pid: int, timeout: float = 60) -> None:
+    """SIGKILL the (only) actor at a moment it holds a live lease.
+
+    A tiny-preset lease lasts milliseconds, so a kill at a random moment often finds the actor between leases and
+    nothing to re-issue. The actor is frozen with SIGSTOP while the buffer is asked about its leases: a stopped
+    process cannot submit, so a live lease seen then is still live at the SIGKILL."""
+    from buffer.client import BufferClient
+    from common.config import load_config
+
+    client = BufferClient.from_config(load_config(run_dir / "config.json").buffer, timeout_s=5.0)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            os.kill(pid, signal.SIGSTOP)
+            if client.stats()["live_leases"] >= 1:
+                os.kill(pid, signal.SIGKILL)
+                return
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.02)
+        raise AssertionError(f"the actor never held a lease within {timeout} s")
+    finally:
+        client.close()
+
+
+def _kill_role_mid_run(cmd: list[str], run_dir: Path, module: str, at_step: int, timeout: float,
+                       holding_lease: bool = False) -> tuple[int, str]:
     """Start a run, SIGKILL the process running `module` once the learner logged `at_step`, wait for the end."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(run_dir, at_step, proc)
-        os.kill(_role_pid(run_dir, module), signal.SIGKILL)
+        pid = _role_pid(run_dir, module)
+        if holding_lease:
+            _kill_while_holding_a_lease(run_dir, pid)
+        else:
+            os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
@@ -119,7 +148,7 @@ def test_actor_killed_is_restarted_and_its_lease_reissued(tmp_path):
     run_dir = tmp_path / "kill-actor"
     cmd = _command(tmp_path, "kill-actor", "--buffer.lease-timeout-s", "4", "--learner.total-steps", "16",
                    "--learner.sync-timeout-s", "20")
-    returncode, out = _kill_role_mid_run(cmd, run_dir, "actor.worker", at_step=4, timeout=240)
+    returncode, out = _kill_role_mid_run(cmd, run_dir, "actor.worker", at_step=4, timeout=240, holding_lease=True)
     assert returncode == 0, out
     assert "actor0 exited with status -9; restarting" in out
     assert (run_dir / "logs" / "actor0.log").read_text().count("=== start actor0") == 2

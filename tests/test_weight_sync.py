@@ -207,6 +207,46 @@ def test_dead_receiver_does_not_hang_sender_and_a_new_one_joins(tmp_path):
 
 
 @pytest.mark.integration
+def test_restarted_receiver_asks_to_rejoin_and_gets_the_current_version_resent():
+    """The receiver dies right after a broadcast that completed on the sender's side: the sender still holds a
+    group it believes whole. The restarted receiver's rejoin request makes the idle learner re-send the version
+    it already "delivered" (without it the actor would wait for weights and the learner for groups, forever)."""
+    from learner.train import Publisher
+
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    state = _state(9)
+    sender = WeightSender(cfg, world_size=2, device="cpu")
+    first = WeightReceiver(cfg, 1, state, "cpu").start()
+    second = None
+    try:
+        assert sender.broadcast(state, version=1)["perf/sync_ok"] == 1.0
+        assert first.wait_for_version(1, timeout_s=20)[0] == 1
+        assert not sender.rejoin_requested()  # the first receiver's start-up request was answered by g0
+        first.close()
+        publisher = Publisher(sender, client=None)
+        publisher.synced_version = 1  # as the learner sees it: version 1 reached everyone
+        second = WeightReceiver(cfg, 1, state, "cpu").start()
+        deadline = time.monotonic() + 20
+        while not sender.rejoin_requested():
+            assert time.monotonic() < deadline, "the restarted receiver never asked to rejoin"
+            time.sleep(0.05)
+        got = None
+        while got is None and time.monotonic() < deadline:
+            publisher._last_try = 0.0  # skip the 2 s pacing of the fetch-wait loop
+            publisher.retry_if_behind(state, 1)
+            got = second.wait_for_version(1, timeout_s=0.5)
+        assert got is not None and got[0] == 1, "version 1 was never re-sent to the restarted receiver"
+        _assert_bitwise_equal(got[1], state)
+        assert sender.generation >= 1 and not sender.rejoin_requested()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        sender.close()
+
+
+@pytest.mark.integration
 def test_missing_receiver_bounds_the_wait_and_training_goes_on():
     torch.set_num_threads(1)
     cfg = _cfg(sync_timeout_s=2.0)
