@@ -3,7 +3,7 @@
     python -m actor.worker --config-file runs/<name>/config.json --actor-index 0 [--run-dir runs/<name>]
                            [--section.field VALUE ...]
 
-Loop: register -> lease (an empty lease means "wait": sleep briefly, counted as idle) -> make sure the engine's
+Loop: register -> lease (an empty lease means "wait": sleep 10 ms doubling to 0.2 s, counted as idle) -> make sure the engine's
 weights are at least the lease's policy_version (the contract of docs/INTERFACES.md: swap in the newest staged
 version; if still older, wait for the broadcast in flight) -> generate n_i responses per prompt -> score each ->
 submit one Group per prompt -> repeat. Generation never waits for the learner except for that version floor.
@@ -30,7 +30,9 @@ from typing import Any, Sequence
 
 logger = logging.getLogger("actor")
 
-IDLE_SLEEP_S = 0.2
+IDLE_BACKOFF_S = (0.01, 0.2)
+"""First and longest pause between lease requests while the buffer has no work (admission control): short at
+first, so a version report that opens the window is seen within ~10 ms, doubling up to 0.2 s while it stays shut."""
 BUFFER_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
@@ -142,12 +144,15 @@ class Actor:
         self.client = self._connect()
         logger.info("%s: engine=%s model=%s buffer=%s", self.actor_id, self.cfg.actor.engine, self.cfg.run.model,
                     self.cfg.buffer.address)
+        pause = IDLE_BACKOFF_S[0]
         while not self.stop_event.is_set():
             self.weights.check()
             grant = self._lease()
             if grant is None or not grant.items:
-                self._idle(IDLE_SLEEP_S)
+                self._idle(pause)
+                pause = min(2 * pause, IDLE_BACKOFF_S[1])
                 continue
+            pause = IDLE_BACKOFF_S[0]
             self._work_lease(grant)
             self.leases_done += 1
             self.metrics.log(self.leases_done, self.stats.metrics(self.engine.policy_version, self.total_swaps))

@@ -38,8 +38,9 @@ from learner.step import LearnerState, build_state, train_step
 
 logger = logging.getLogger("learner")
 
-FETCH_BACKOFF_S = (0.02, 0.5)
-"""First and longest pause between fetch polls while the buffer has fewer groups than a step needs."""
+FETCH_BACKOFF_S = (0.005, 0.1)
+"""First and longest pause between fetch polls while the buffer has fewer groups than a step needs (a poll costs
+the buffer well under a millisecond; a long pause is learner idle time once the groups are there)."""
 
 
 class StopRequested:

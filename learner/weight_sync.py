@@ -200,7 +200,7 @@ def request_rejoin(learner_cfg: LearnerConfig, rank: int, wanted: bool = True) -
                                is_master=False)
         store.add(key, 1 if wanted else -int(store.add(key, 0)))
     except RuntimeError as exc:
-        logger.info("weight sync: rank %d rejoin flag not written (%s)", rank, exc)
+        logger.debug("weight sync: rank %d rejoin flag not written (%s)", rank, exc)
         return False
     return True
 
