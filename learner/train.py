@@ -207,8 +207,10 @@ class Publisher:
 
     def _record(self, metrics: dict[str, float], version: int) -> None:
         self._last_try = time.monotonic()
-        if metrics.get("perf/sync_ok"):
-            self.synced_version = version
+        # A failed attempt marks `version` as not delivered, even if an earlier attempt had delivered it: a rebuild
+        # started for a rejoin request has to be followed by a send once the group is complete, and by then the
+        # receiver has taken its request back.
+        self.synced_version = version if metrics.get("perf/sync_ok") else min(self.synced_version, version - 1)
 
 
 def run_step(state: LearnerState, batch: Batch, cfg: Config, publisher: Publisher | None,

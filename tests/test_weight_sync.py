@@ -231,9 +231,17 @@ def test_restarted_receiver_asks_to_rejoin_and_gets_the_current_version_resent()
         while not sender.rejoin_requested():
             assert time.monotonic() < deadline, "the restarted receiver never asked to rejoin"
             time.sleep(0.05)
+        # The first retry drops the group and returns before the new one has formed (no join wait) ...
+        publisher.RETRY_JOIN_WAIT_S = 0.0
+        publisher._last_try = 0.0  # skip the 2 s pacing of the fetch-wait loop
+        publisher.retry_if_behind(state, 1)
+        while second.joins < 1:  # ... then the receiver joins it and takes its rejoin request back
+            assert time.monotonic() < deadline, "the restarted receiver never joined the rebuilt group"
+            time.sleep(0.05)
+        assert not sender.rejoin_requested()
         got = None
-        while got is None and time.monotonic() < deadline:
-            publisher._last_try = 0.0  # skip the 2 s pacing of the fetch-wait loop
+        while got is None and time.monotonic() < deadline:  # later retries must still send version 1
+            publisher._last_try = 0.0
             publisher.retry_if_behind(state, 1)
             got = second.wait_for_version(1, timeout_s=0.5)
         assert got is not None and got[0] == 1, "version 1 was never re-sent to the restarted receiver"
