@@ -3,7 +3,8 @@
     python -m actor.worker --config-file runs/<name>/config.json --actor-index 0 [--run-dir runs/<name>]
                            [--section.field VALUE ...]
 
-Loop: register -> lease (an empty lease means "wait": sleep 10 ms doubling to 0.2 s, counted as idle) -> make sure the engine's
+Loop: register -> lease (a long poll: the buffer holds the request while admission control says wait; the wait
+counts as idle) -> make sure the engine's
 weights are at least the lease's policy_version (the contract of docs/INTERFACES.md: swap in the newest staged
 version; if still older, wait for the broadcast in flight) -> generate n_i responses per prompt -> score each ->
 submit one Group per prompt -> repeat. Generation never waits for the learner except for that version floor.
@@ -30,9 +31,11 @@ from typing import Any, Sequence
 
 logger = logging.getLogger("actor")
 
-IDLE_BACKOFF_S = (0.01, 0.2)
-"""First and longest pause between lease requests while the buffer has no work (admission control): short at
-first, so a version report that opens the window is seen within ~10 ms, doubling up to 0.2 s while it stays shut."""
+LEASE_WAIT_S = 1.0
+"""Long poll: while admission control or back-pressure leave no work, the buffer holds a lease request up to this
+long and grants the moment work is allowed (e.g. the learner's version report), so the actor never sleeps past it."""
+IDLE_SLEEP_S = 0.01
+"""Pause after an empty grant (it only comes back early if the buffer could not hold the request)."""
 BUFFER_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
@@ -144,15 +147,12 @@ class Actor:
         self.client = self._connect()
         logger.info("%s: engine=%s model=%s buffer=%s", self.actor_id, self.cfg.actor.engine, self.cfg.run.model,
                     self.cfg.buffer.address)
-        pause = IDLE_BACKOFF_S[0]
         while not self.stop_event.is_set():
             self.weights.check()
             grant = self._lease()
             if grant is None or not grant.items:
-                self._idle(pause)
-                pause = min(2 * pause, IDLE_BACKOFF_S[1])
+                self._idle(IDLE_SLEEP_S)
                 continue
-            pause = IDLE_BACKOFF_S[0]
             self._work_lease(grant)
             self.leases_done += 1
             self.metrics.log(self.leases_done, self.stats.metrics(self.engine.policy_version, self.total_swaps))
@@ -191,13 +191,16 @@ class Actor:
     def _lease(self) -> Any:
         from buffer.client import BufferTimeout
 
+        start = time.monotonic()
         try:
-            return self.client.lease(self.actor_id, self.cfg.actor.prompts_per_lease)
+            return self.client.lease(self.actor_id, self.cfg.actor.prompts_per_lease, wait_s=LEASE_WAIT_S)
         except BufferTimeout:
             logger.warning("%s: lease timed out; reconnecting to the buffer", self.actor_id)
             self.client.close()
             self.client = self._connect()
             return None
+        finally:  # a held request is waiting for admission: idle time (an immediate grant adds ~0.1 ms)
+            self.stats.idle_s += time.monotonic() - start
 
     def _release(self, lease_id: int, prompt_ids: list[str]) -> None:
         from buffer.client import BufferRejected, BufferTimeout

@@ -99,10 +99,12 @@ class BufferClient:
         """Announce a client; returns the buffer's policy_version."""
         return self._call(Register(role=role, client_id=client_id), Registered).policy_version
 
-    def lease(self, actor_id: str, max_prompts: int) -> LeaseGrant:
-        """Up to max_prompts (prompt, n) work items; none with `wait_reason` when the buffer says wait."""
-        return self._call(LeaseRequest(actor_id=actor_id, max_prompts=max_prompts,
-                                       request_id=self._request_id()), LeaseGrant)
+    def lease(self, actor_id: str, max_prompts: int, wait_s: float = 0.0) -> LeaseGrant:
+        """Up to max_prompts (prompt, n) work items; none with `wait_reason` when the buffer says wait.
+
+        wait_s > 0: the buffer holds the request up to that long while it has no work to grant (long poll)."""
+        return self._call(LeaseRequest(actor_id=actor_id, max_prompts=max_prompts, request_id=self._request_id(),
+                                       wait_s=wait_s), LeaseGrant, wait_s)
 
     def submit(self, lease_id: int, group: Group) -> SubmitAck:
         """Hand in one group; BufferRejected(code) if invalid (code e.g. wrong_n, expired_lease, duplicate)."""
@@ -134,9 +136,12 @@ class BufferClient:
         """Give back prompts this actor will not finish; they are re-issued first."""
         return self._call(Release(lease_id=lease_id, prompt_ids=list(prompt_ids)), Ack).note
 
-    def fetch(self, learner_id: str, n_groups: int) -> Batch:
-        """Exactly n_groups ServedGroups (oldest first), or an empty Batch if fewer are queued."""
-        return self._call(Fetch(learner_id=learner_id, n_groups=n_groups, request_id=self._request_id()), Batch)
+    def fetch(self, learner_id: str, n_groups: int, wait_s: float = 0.0) -> Batch:
+        """Exactly n_groups ServedGroups (oldest first), or an empty Batch if fewer are queued.
+
+        wait_s > 0: the buffer holds the request up to that long until n_groups are queued (long poll)."""
+        return self._call(Fetch(learner_id=learner_id, n_groups=n_groups, request_id=self._request_id(),
+                                wait_s=wait_s), Batch, wait_s)
 
     def report_version(self, version: int, rollback: bool = False) -> None:
         """The learner's version after a step; rollback=True after resuming from an older checkpoint."""
@@ -189,10 +194,12 @@ class BufferClient:
         self.close()
         self._connect()
 
-    def _call(self, msg: Any, expect: type) -> Any:
+    def _call(self, msg: Any, expect: type, held_s: float = 0.0) -> Any:
+        """`held_s`: how long the server may hold this request before answering (added to the reply timeout)."""
         payload = encode_message(msg)
         for attempt in range(self.retries + 1):
-            reply = self._exchange(payload)
+            # A bad wait (negative, NaN) adds nothing here: the server rejects it, naming the field.
+            reply = self._exchange(payload, self.timeout_s + (held_s if held_s > 0 else 0.0))
             if reply is None:
                 continue
             if isinstance(reply, Error):
@@ -238,7 +245,7 @@ class BufferClient:
             return BufferRejected(reply.code, reply.message)
         raise BufferProtocolError(f"expected SubmitAck, got {type(reply).__name__}")
 
-    def _exchange(self, payload: bytes) -> Any:
+    def _exchange(self, payload: bytes, timeout_s: float) -> Any:
         """One send + wait; None on timeout (the socket is then replaced)."""
         if self._sock is None:
             self._connect()
@@ -248,7 +255,7 @@ class BufferClient:
         except zmq.Again:
             self._reconnect()
             return None
-        if not self._poller.poll(self.timeout_s * 1000):
+        if not self._poller.poll(timeout_s * 1000):
             self._reconnect()
             return None
         frames = self._sock.recv_multipart()

@@ -8,7 +8,10 @@ or as run_async.py starts it:
 Prompts come from `common.tasks.load_prompts(cfg.task, "train")`, or from `--prompts-jsonl FILE` (rows
 {prompt_id, question, answer, metadata}). Every request is decoded with the typed schemas of `common.schemas`,
 applied to the pure state machine `buffer.state.BufferState`, and answered with exactly one reply; undecodable or
-invalid requests get an `Error(code, message)` naming the field and are counted, never crash the loop. The state is
+invalid requests get an `Error(code, message)` naming the field and are counted, never crash the loop. Long poll:
+a Fetch or LeaseRequest with `wait_s > 0` that would get nothing now (too few queued groups; admission control or
+back-pressure) is held, in arrival order, and answered the moment it can be served or when its wait runs out, so
+neither the learner nor an actor sleeps past the event it waits for. The state is
 snapshotted atomically (tmp + fsync + rename) every `buffer.snapshot_interval_s`, on SnapshotRequest and on
 SIGTERM/SIGINT, and restored on start. With a run dir, `buffer/*` metrics go to <run_dir>/metrics.jsonl every few
 seconds. An address with port 0 binds a free port; the bound endpoint is printed as `buffer listening on ...`.
@@ -24,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +61,19 @@ log = logging.getLogger("buffer")
 METRICS_INTERVAL_S = 5.0
 TICK_S = 0.2
 """Longest poll: how quickly expiry, snapshots, metrics and a stop request are noticed while idle."""
+MAX_WAIT_S = 60.0
+"""Longest long-poll a Fetch or LeaseRequest may ask for (`wait_s`)."""
+MAX_PARKED = 1024
+"""Held long-poll requests at most; beyond it a request is answered at once (bounded memory under any input)."""
+
+
+@dataclass
+class _Parked:
+    """A long-poll request held until it can be answered usefully or its wait runs out."""
+
+    envelope: list[bytes]
+    msg: Any  # Fetch | LeaseRequest
+    deadline: float
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -173,6 +190,7 @@ class BufferServer:
         self._dirty = False
         self._last_snapshot = time.monotonic()
         self._replay: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._parked: list[_Parked] = []
         self._metrics: Any = None
         self._last_metrics: tuple[float, dict[str, Any]] | None = None
         self._handlers: dict[type, Callable[[Any, float], Any]] = {
@@ -227,7 +245,7 @@ class BufferServer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while not stop.is_set():
-            if poller.poll(TICK_S * 1000):
+            if poller.poll(self._poll_timeout_ms()):
                 # Drain what is ready before doing housekeeping, but stay responsive to stop.
                 for _ in range(256):
                     try:
@@ -236,9 +254,17 @@ class BufferServer:
                         break
                     self._handle(frames)
             self._housekeeping(time.monotonic())
+            self._answer_parked(time.monotonic())
+        self._answer_parked(float("inf"))
         self.write_snapshot()
         if self._metrics is not None:
             self.log_metrics(time.monotonic())
+
+    def _poll_timeout_ms(self) -> int:
+        if not self._parked:
+            return int(TICK_S * 1000)
+        soonest = min(p.deadline for p in self._parked) - time.monotonic()
+        return max(0, int(min(TICK_S, soonest) * 1000) + 1)
 
     def _housekeeping(self, now: float) -> None:
         if self.state.expire_leases(now):
@@ -261,14 +287,54 @@ class BufferServer:
             self._send(envelope_for(frames), Error(code="bad_frames",
                                                     message=f"message: expected 1 payload frame, got {len(frames) - 1}"))
             return
-        self._send(envelope, self._reply(payload.buffer))
-
-    def _reply(self, payload: memoryview) -> Any:
         try:
-            msg = decode_message(payload, "request", max_bytes=self.cfg.buffer.max_message_bytes)
+            msg = decode_message(payload.buffer, "request", max_bytes=self.cfg.buffer.max_message_bytes)
         except WireError as exc:
             self.state.count_bad_message(exc.code)
-            return Error(code=exc.code, message=str(exc))
+            self._send(envelope, Error(code=exc.code, message=str(exc)))
+            return
+        if self._should_park(msg):
+            self._parked.append(_Parked(envelope, msg, time.monotonic() + msg.wait_s))
+            return
+        self._send(envelope, self._reply(msg))
+
+    # ------------------------------------------------------------------------------------------- long poll
+
+    def _should_park(self, msg: Any) -> bool:
+        """Hold a well-formed long-poll request that would get nothing now (a retry of an answered one is not held:
+        it gets its cached reply)."""
+        if not isinstance(msg, (Fetch, LeaseRequest)) or not 0.0 < msg.wait_s <= MAX_WAIT_S:
+            return False  # out-of-range waits are rejected by the handler, naming the field
+        if len(self._parked) >= MAX_PARKED or self._is_replay(msg):
+            return False
+        return not self._ready(msg)
+
+    def _ready(self, msg: Any) -> bool:
+        """True when the request can be answered usefully now, or is malformed (its handler names the field)."""
+        if isinstance(msg, Fetch):
+            return not 1 <= msg.n_groups <= self.cfg.buffer.max_queued_groups or len(self.state.queue) >= msg.n_groups
+        return msg.max_prompts < 1 or self.state.can_lease()
+
+    def _is_replay(self, msg: Any) -> bool:
+        key = ("fetch", msg.learner_id) if isinstance(msg, Fetch) else ("lease", msg.actor_id)
+        cached = self._replay.get(key)
+        return bool(msg.request_id) and cached is not None and cached[0] == msg.request_id
+
+    def _answer_parked(self, now: float) -> None:
+        """Answer, in arrival order, every held request that can now be served or whose wait has run out."""
+        if not self._parked:
+            return
+        held = []
+        for parked in self._parked:
+            if now >= parked.deadline or self._ready(parked.msg):
+                self._send(parked.envelope, self._reply(parked.msg))
+            else:
+                held.append(parked)
+        self._parked = held
+
+    # ------------------------------------------------------------------------------------------- dispatch
+
+    def _reply(self, msg: Any) -> Any:
         try:
             return self._handlers[type(msg)](msg, time.monotonic())
         except Rejection as rej:
@@ -294,6 +360,7 @@ class BufferServer:
         return Registered(policy_version=self.state.register(msg.role, msg.client_id))
 
     def _on_lease(self, msg: LeaseRequest, now: float) -> Any:
+        _check_wait(msg.wait_s)
         return self._once(("lease", msg.actor_id), msg.request_id,
                           lambda: self.state.lease(msg.actor_id, msg.max_prompts, now))
 
@@ -306,6 +373,7 @@ class BufferServer:
         return Ack(note=self.state.release(msg.lease_id, msg.prompt_ids, now))
 
     def _on_fetch(self, msg: Fetch, now: float) -> Any:
+        _check_wait(msg.wait_s)
         return self._once(("fetch", msg.learner_id), msg.request_id, lambda: self.state.fetch(msg.n_groups))
 
     def _on_version(self, msg: ReportVersion, now: float) -> Ack:
@@ -362,6 +430,11 @@ class BufferServer:
         if self.sock is not None:
             self.sock.close(0)
         self.ctx.term()
+
+
+def _check_wait(wait_s: float) -> None:
+    if not 0.0 <= wait_s <= MAX_WAIT_S:  # NaN fails too
+        raise Rejection("bad_request", f"wait_s: must be in [0, {MAX_WAIT_S:.0f}] seconds, got {wait_s}")
 
 
 def envelope_for(frames: list[zmq.Frame]) -> list[bytes]:

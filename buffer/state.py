@@ -204,6 +204,10 @@ class BufferState:
         self.clients.setdefault(role, set()).add(client_id)
         return self.policy_version
 
+    def can_lease(self) -> bool:
+        """Whether a lease now could grant work (neither back-pressure nor admission control says wait)."""
+        return len(self.queue) < self.cfg.buffer.max_queued_groups and self.admission_room() > 0
+
     def lease(self, actor_id: str, max_prompts: int, now: float) -> LeaseGrant:
         """Grant up to max_prompts (prompt, n) items, or none with a wait_reason."""
         if max_prompts < 1:

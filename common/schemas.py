@@ -112,6 +112,9 @@ class LeaseRequest(_Msg, tag="lease"):
     max_prompts: int
     request_id: int = 0
     """Non-zero: a retry with the same (actor_id, request_id) gets the same grant back instead of a second lease."""
+    wait_s: float = 0.0
+    """Long poll: while admission control or back-pressure would give no work, the buffer holds the request up to
+    this long and answers as soon as work can be granted (0 = answer at once)."""
 
 
 class Submit(_Msg, tag="submit"):
@@ -129,6 +132,9 @@ class Fetch(_Msg, tag="fetch"):
     n_groups: int
     request_id: int = 0
     """Non-zero: a retry with the same (learner_id, request_id) gets the same batch back (a lost reply loses nothing)."""
+    wait_s: float = 0.0
+    """Long poll: while fewer than n_groups are queued, the buffer holds the request up to this long and answers as
+    soon as they are (0 = answer at once)."""
 
 
 class ReportVersion(_Msg, tag="version"):

@@ -2,7 +2,7 @@
 
     python -m learner.train --config-file runs/x/config.json --run-dir runs/x [--resume] [--section.field VALUE]
 
-Loop: fetch exactly `learner.groups_per_step` groups (polling; the wait is the learner's idle time) ->
+Loop: fetch exactly `learner.groups_per_step` groups (a long poll; the wait is the learner's idle time) ->
 `learner.step.train_step` -> version += 1 -> broadcast weights V to the actors -> report V to the buffer (in
 that order: docs/INTERFACES.md) -> metrics -> checkpoint every `learner.checkpoint_every` steps (with a buffer
 snapshot). Held-out evaluation at the start, every `run.eval_every` steps and at the end. After
@@ -38,9 +38,11 @@ from learner.step import LearnerState, build_state, train_step
 
 logger = logging.getLogger("learner")
 
-FETCH_BACKOFF_S = (0.005, 0.1)
-"""First and longest pause between fetch polls while the buffer has fewer groups than a step needs (a poll costs
-the buffer well under a millisecond; a long pause is learner idle time once the groups are there)."""
+FETCH_WAIT_S = 1.0
+"""Long poll: the buffer holds a fetch up to this long and answers the moment a step's groups are queued, so the
+learner never sleeps past their arrival; between two holds it re-sends missed weights (`on_wait`)."""
+FETCH_RETRY_PAUSE_S = 0.005
+"""Pause after an empty reply (it only comes back early if the buffer could not hold the request)."""
 
 
 class StopRequested:
@@ -112,17 +114,15 @@ def fetch_batch(client: Any, cfg: Config, stop: StopRequested,
 
     `on_wait` runs between polls (the learner re-sends weights that did not reach every actor)."""
     start = time.perf_counter()
-    pause = FETCH_BACKOFF_S[0]
     while not stop:
-        batch = client.fetch("learner", cfg.learner.groups_per_step)
+        batch = client.fetch("learner", cfg.learner.groups_per_step, wait_s=FETCH_WAIT_S)
         if batch.groups:
             return batch, time.perf_counter() - start
         on_wait()
         if time.perf_counter() - start > cfg.learner.fetch_timeout_s:
             raise TimeoutError(f"no batch from the buffer for {cfg.learner.fetch_timeout_s:.0f} s "
                                f"(learner.fetch_timeout_s); buffer stats: {client.stats()}")
-        stop.event.wait(pause)
-        pause = min(2 * pause, FETCH_BACKOFF_S[1])
+        stop.event.wait(FETCH_RETRY_PAUSE_S)
     return None, time.perf_counter() - start
 
 

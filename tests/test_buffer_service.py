@@ -133,6 +133,79 @@ def test_strictly_on_policy_with_max_staleness_zero():
         assert client.stats()["staleness_hist"] == {0: 12}
 
 
+class _InThread:
+    """Run one blocking client call on its own connection in a thread (a held long poll), keep its result."""
+
+    def __init__(self, endpoint: str, call):
+        self.result, self.error = None, None
+        self._thread = threading.Thread(target=self._run, args=(endpoint, call), daemon=True)
+        self._thread.start()
+
+    def _run(self, endpoint, call):
+        try:
+            with BufferClient(endpoint, timeout_s=5) as client:
+                self.result = call(client)
+        except Exception as exc:  # noqa: BLE001 - re-raised by wait() in the test's thread
+            self.error = exc
+
+    def waiting(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, timeout_s: float = 10.0):
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "the held request was never answered"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def test_long_poll_fetch_is_answered_when_the_groups_arrive():
+    cfg = make_cfg(learner={"groups_per_step": 2})
+    with running_server(cfg, make_prompts(8)) as (_, endpoint), BufferClient(endpoint, timeout_s=5) as client:
+        held = _InThread(endpoint, lambda c: c.fetch("learner", 2, wait_s=30))
+        grant = client.lease("a0", 2)
+        client.submit(grant.lease_id, make_group(grant.items[0].prompt_id, mixed(grant.items[0].n)))
+        time.sleep(0.3)
+        assert held.waiting()  # one group queued, two asked for: still held
+        client.submit(grant.lease_id, make_group(grant.items[1].prompt_id, mixed(grant.items[1].n)))
+        batch = held.wait()  # answered by the second submit, not by the 30 s wait running out
+        assert sorted(g.group.prompt_id for g in batch.groups) == sorted(it.prompt_id for it in grant.items)
+        assert client.stats()["groups_served"] == 2
+
+
+def test_long_poll_lease_is_granted_when_the_version_report_opens_admission():
+    cfg = make_cfg(algo={"max_staleness": 0}, learner={"groups_per_step": 2})
+    with running_server(cfg, make_prompts(8)) as (_, endpoint), BufferClient(endpoint, timeout_s=5) as client:
+        grant = client.lease("a0", 4)
+        assert len(grant.items) == 2  # the synchronous window: one step's groups
+        held = _InThread(endpoint, lambda c: c.lease("a1", 4, wait_s=30))
+        for it in grant.items:
+            client.submit(grant.lease_id, make_group(it.prompt_id, mixed(it.n)))
+        assert len(client.fetch("learner", 2).groups) == 2
+        time.sleep(0.3)
+        assert held.waiting()  # consumed, but version 0's window is used up until the learner reports version 1
+        client.report_version(1)
+        second = held.wait()
+        assert len(second.items) == 2 and second.policy_version == 1
+        assert client.stats()["lease_waits"] == {}  # held, never answered "wait"
+
+
+def test_long_poll_wait_runs_out_bad_waits_are_rejected_and_stop_answers_held_requests():
+    cfg = make_cfg()
+    with running_server(cfg, make_prompts(8)) as (_, endpoint), BufferClient(endpoint, timeout_s=5) as client:
+        start = time.monotonic()
+        assert client.fetch("learner", 2, wait_s=0.3).groups == []
+        assert time.monotonic() - start >= 0.3
+        for bad in (-1.0, math.nan, 1e6):
+            with pytest.raises(BufferRejected) as err:
+                client.fetch("learner", 2, wait_s=bad)
+            assert err.value.code == "bad_request" and "wait_s" in str(err.value)
+        held = _InThread(endpoint, lambda c: c.fetch("learner", 2, wait_s=30))
+        time.sleep(0.3)
+        assert held.waiting()
+    assert held.wait().groups == []  # the server answered it (empty) as it stopped
+
+
 def test_lease_expiry_returns_prompts_and_rejects_late_submission():
     cfg = make_cfg(buffer={"lease_timeout_s": 0.3})
     with running_server(cfg, make_prompts(8)) as (_, endpoint), BufferClient(endpoint, timeout_s=5) as client:
