@@ -4,10 +4,9 @@
                            [--section.field VALUE ...]
 
 Loop: register -> lease (a long poll: the buffer holds the request while admission control says wait; the wait
-counts as idle) -> make sure the engine's
-weights are at least the lease's policy_version (the contract of docs/INTERFACES.md: swap in the newest staged
-version; if still older, wait for the broadcast in flight) -> generate n_i responses per prompt -> score each ->
-submit one Group per prompt -> repeat. Generation never waits for the learner except for that version floor.
+counts as idle) -> make sure the engine's weights are at least the lease's policy_version (the contract of
+docs/INTERFACES.md: swap in the newest staged version; if still older, wait for the broadcast in flight) ->
+generate n_i responses per prompt -> score each -> submit one Group per prompt -> repeat. Generation never waits for the learner except for that version floor.
 
 Weights: HF engines receive them in a background `WeightReceiver` at rank 1 + actor_index and swap at batch
 boundaries; SGLang engines follow the learner's announcements in a background thread that drives the servers'

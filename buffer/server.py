@@ -312,12 +312,11 @@ class BufferServer:
     def _ready(self, msg: Any) -> bool:
         """True when the request can be answered usefully now, or is malformed (its handler names the field)."""
         if isinstance(msg, Fetch):
-            return not 1 <= msg.n_groups <= self.cfg.buffer.max_queued_groups or len(self.state.queue) >= msg.n_groups
-        return msg.max_prompts < 1 or self.state.can_lease()
+            return not self.state.fetch_would_wait(msg.n_groups)
+        return not self.state.lease_would_wait(msg.max_prompts)
 
     def _is_replay(self, msg: Any) -> bool:
-        key = ("fetch", msg.learner_id) if isinstance(msg, Fetch) else ("lease", msg.actor_id)
-        cached = self._replay.get(key)
+        cached = self._replay.get(_replay_key(msg))
         return bool(msg.request_id) and cached is not None and cached[0] == msg.request_id
 
     def _answer_parked(self, now: float) -> None:
@@ -361,7 +360,7 @@ class BufferServer:
 
     def _on_lease(self, msg: LeaseRequest, now: float) -> Any:
         _check_wait(msg.wait_s)
-        return self._once(("lease", msg.actor_id), msg.request_id,
+        return self._once(_replay_key(msg), msg.request_id,
                           lambda: self.state.lease(msg.actor_id, msg.max_prompts, now))
 
     def _on_submit(self, msg: Submit, now: float) -> Any:
@@ -374,7 +373,7 @@ class BufferServer:
 
     def _on_fetch(self, msg: Fetch, now: float) -> Any:
         _check_wait(msg.wait_s)
-        return self._once(("fetch", msg.learner_id), msg.request_id, lambda: self.state.fetch(msg.n_groups))
+        return self._once(_replay_key(msg), msg.request_id, lambda: self.state.fetch(msg.n_groups))
 
     def _on_version(self, msg: ReportVersion, now: float) -> Ack:
         self._dirty = True
@@ -430,6 +429,11 @@ class BufferServer:
         if self.sock is not None:
             self.sock.close(0)
         self.ctx.term()
+
+
+def _replay_key(msg: Fetch | LeaseRequest) -> tuple[str, str]:
+    """Whose replay-cache entry a lease or fetch uses (one per client and kind)."""
+    return ("fetch", msg.learner_id) if isinstance(msg, Fetch) else ("lease", msg.actor_id)
 
 
 def _check_wait(wait_s: float) -> None:

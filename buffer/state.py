@@ -204,21 +204,32 @@ class BufferState:
         self.clients.setdefault(role, set()).add(client_id)
         return self.policy_version
 
-    def can_lease(self) -> bool:
-        """Whether a lease now could grant work (neither back-pressure nor admission control says wait)."""
-        return len(self.queue) < self.cfg.buffer.max_queued_groups and self.admission_room() > 0
+    def _lease_wait_reason(self) -> str | None:
+        """Why a lease now would grant nothing (`backpressure`, `staleness`), or None if it would grant work."""
+        if len(self.queue) >= self.cfg.buffer.max_queued_groups:
+            return "backpressure"
+        return "staleness" if self.admission_room() <= 0 else None
+
+    def lease_would_wait(self, max_prompts: int) -> bool:
+        """Whether lease() would now answer "wait" (not a grant, and not a rejection of a bad request)."""
+        return max_prompts >= 1 and self._lease_wait_reason() is not None
+
+    def fetch_would_wait(self, n_groups: int) -> bool:
+        """Whether fetch() would now answer an empty batch for lack of groups (not a rejection of a bad size)."""
+        return self._valid_fetch_size(n_groups) and len(self.queue) < n_groups
+
+    def _valid_fetch_size(self, n_groups: int) -> bool:
+        return 1 <= n_groups <= self.cfg.buffer.max_queued_groups
 
     def lease(self, actor_id: str, max_prompts: int, now: float) -> LeaseGrant:
         """Grant up to max_prompts (prompt, n) items, or none with a wait_reason."""
         if max_prompts < 1:
             raise Rejection("bad_request", f"max_prompts: must be >= 1, got {max_prompts}")
         self.expire_leases(now)
-        if len(self.queue) >= self.cfg.buffer.max_queued_groups:
-            return self._wait("backpressure")
-        room = self.admission_room()
-        if room <= 0:
-            return self._wait("staleness")
-        leased = self._distinct(self._take(min(max_prompts, room)))
+        reason = self._lease_wait_reason()
+        if reason is not None:
+            return self._wait(reason)
+        leased = self._distinct(self._take(min(max_prompts, self.admission_room())))
         lease = Lease(self.next_lease_id, actor_id, {it.prompt_id: it.n for it in leased},
                       now + self.cfg.buffer.lease_timeout_s, self.policy_version)
         self.next_lease_id += 1
@@ -262,7 +273,7 @@ class BufferState:
 
     def fetch(self, n_groups: int) -> Batch:
         """Exactly n_groups oldest groups (after dropping too-stale ones), or an empty batch if fewer wait."""
-        if not 1 <= n_groups <= self.cfg.buffer.max_queued_groups:
+        if not self._valid_fetch_size(n_groups):
             raise Rejection("bad_request",
                             f"n_groups: must be in [1, {self.cfg.buffer.max_queued_groups}], got {n_groups}")
         dropped = self._drop_stale()

@@ -40,9 +40,9 @@ Protocol, per `WeightSender.broadcast(weights, version)`:
    `<sync_group_name>/rejoin/<rank>` (`request_rejoin`) and takes it back once it has joined a group. A sender that
    holds a complete group while some rank's counter is non-zero drops that group at its next broadcast, and the
    learner checks the counters while it waits for a batch (`rejoin_requested`), so the current version is
-   re-sent. Without it a receiver killed right after a
-   broadcast that still completed on the sender's side leaves the sender holding a group it believes whole: the
-   restarted actor waits for weights, the learner for its groups, and no new version ever comes.
+   re-sent. Without it a receiver killed right after a broadcast that still completed on the sender's side leaves
+   the sender holding a group it believes whole: the restarted actor waits for weights, the learner for its
+   groups, and no new version ever comes.
 
 Receivers stage every version in pooled receive buffers (never the live model; the staged tensors are views of
 the flat buckets, so there is no unpacking copy); `take_latest()` hands the newest complete version to the engine,
@@ -194,15 +194,19 @@ def request_rejoin(learner_cfg: LearnerConfig, rank: int, wanted: bool = True) -
     socket buffers of a receiver that then died still holds a group it believes whole, and while the learner
     waits for groups no new version would ever reveal it.
     """
-    key = _rejoin_key(learner_cfg.sync_group_name, rank)
     try:
         store = _connect_store(learner_cfg.sync_address, min(learner_cfg.sync_timeout_s, REJOIN_CONNECT_TIMEOUT_S),
                                is_master=False)
-        store.add(key, 1 if wanted else -int(store.add(key, 0)))
+        _write_rejoin_flag(store, learner_cfg.sync_group_name, rank, wanted)
     except RuntimeError as exc:
         logger.debug("weight sync: rank %d rejoin flag not written (%s)", rank, exc)
         return False
     return True
+
+
+def _write_rejoin_flag(store: torch.distributed.Store, base_name: str, rank: int, wanted: bool) -> None:
+    key = _rejoin_key(base_name, rank)
+    store.add(key, 1 if wanted else -int(store.add(key, 0)))
 
 
 # ---------------------------------------------------------------------------------------------- control channel
@@ -586,7 +590,10 @@ class WeightReceiver:
             logger.warning("weight receiver %d: joining %s failed (%s)", self.rank, ann.group_name, exc)
             return
         self._member = _Membership(ann.group_name, group, store, transport)
-        request_rejoin(self.cfg, self.rank, wanted=False)
+        try:  # joined: the rejoin request is answered (on the store connection the group already uses)
+            _write_rejoin_flag(store, self.cfg.sync_group_name, self.rank, wanted=False)
+        except RuntimeError as exc:  # the learner has gone; the next sender starts with no flags
+            logger.debug("weight receiver %d: rejoin flag not cleared (%s)", self.rank, exc)
         self.joins += 1
 
     def _receive(self, ann: WeightAnnouncement, bufs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
