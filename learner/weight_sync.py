@@ -60,6 +60,7 @@ import datetime
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -194,6 +195,13 @@ def request_rejoin(learner_cfg: LearnerConfig, rank: int, wanted: bool = True) -
     socket buffers of a receiver that then died still holds a group it believes whole, and while the learner
     waits for groups no new version would ever reveal it.
     """
+    _, host, port = split_endpoint(learner_cfg.sync_address)
+    try:
+        # A plain TCP probe first: while the learner is not up, TCPStore's own connect retries would fill the
+        # actor's log with c10d errors and stack traces every few seconds.
+        socket.create_connection((host, port), timeout=REJOIN_CONNECT_TIMEOUT_S).close()
+    except OSError:
+        return False
     try:
         store = _connect_store(learner_cfg.sync_address, min(learner_cfg.sync_timeout_s, REJOIN_CONNECT_TIMEOUT_S),
                                is_master=False)

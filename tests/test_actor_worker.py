@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actor.worker import BUFFER_TIMEOUT_S
+from actor.worker import BUFFER_TIMEOUT_S, LEASE_WAIT_S
 from buffer.client import BufferClient
 from common.config import PRESETS, save_config, with_overrides
 from common.metrics import read_metrics
@@ -256,9 +256,9 @@ def test_actor_reconnects_after_a_buffer_restart(tmp_path):
         _fetch(BufferClient(cfg.buffer.address, timeout_s=10), 2, 60, actor, tmp_path / "actor0.log")
         buffer.kill()
         buffer.wait(10)
-        # Down for longer than the client's own retries (3 x BUFFER_TIMEOUT_S): the actor sees BufferTimeout and
-        # must reconnect itself rather than die.
-        time.sleep(3 * BUFFER_TIMEOUT_S + 1.0)
+        # Down for longer than the client's own retries (3 attempts of BUFFER_TIMEOUT_S, each extended by the lease's
+        # long-poll wait): the actor sees BufferTimeout and must reconnect itself rather than die.
+        time.sleep(3 * (BUFFER_TIMEOUT_S + LEASE_WAIT_S) + 1.0)
         buffer = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "b2.log", "w"))
         client = BufferClient(cfg.buffer.address, timeout_s=10)
         _fetch(client, 2, 30, actor, tmp_path / "actor0.log")  # from the new buffer process
