@@ -14,6 +14,8 @@ learner (checkpoint), actors, buffer (snapshot) → print held-out accuracy at s
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import sys
 import time
@@ -54,9 +56,12 @@ def prepare_run_dir(cfg: Config) -> tuple[Config, Path]:
     if run_dir.exists() and not cfg.run.resume and (run_dir / "config.json").exists():
         raise SystemExit(f"error: {run_dir} already holds a run; pick another --run.name or use --resume {run_dir}")
     cfg = resolve_ports(cfg)
+    if not cfg.run.secret:
+        cfg = with_overrides(cfg, run={"secret": secrets.token_hex(16)})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     save_config(cfg, run_dir / "config.json")
+    os.chmod(run_dir / "config.json", 0o600)
     return cfg, run_dir
 
 

@@ -347,6 +347,10 @@ class RunConfig:
     """Samples per eval prompt for pass@k (pass@1 uses greedy decoding)."""
     resume: str = ""
     """Run directory to resume (continues its checkpoint and buffer snapshot)."""
+    secret: str = ""
+    """Per-run shared secret of the roles (learner registration at the buffer, weight-sync store keys and
+    announcements). `run_async.py` generates one into config.json (mode 0600) when empty; roles started by hand
+    read it from that file. Anyone who can read config.json can act as a role of this run."""
 
     def __post_init__(self) -> None:
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
