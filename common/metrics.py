@@ -69,7 +69,15 @@ def _init_wandb(run_dir: Path, role: str, mode: str, project: str, config: Mappi
 
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=project, dir=str(run_dir), mode=mode, group=run_dir.name, job_type=role,
-                      name=f"{run_dir.name}-{role}", config=dict(config or {}), reinit="create_new")
+                      name=f"{run_dir.name}-{role}", config=redact_secrets(config or {}), reinit="create_new")
+
+
+def redact_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as logged to wandb: `run.secret` replaced, so an uploaded run cannot impersonate a role."""
+    out = {key: dict(value) if isinstance(value, Mapping) else value for key, value in config.items()}
+    if isinstance(out.get("run"), dict) and out["run"].get("secret"):
+        out["run"]["secret"] = "<redacted>"
+    return out
 
 
 def read_metrics(path: str | Path, role: str | None = None) -> list[dict[str, Any]]:
