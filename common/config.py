@@ -39,6 +39,11 @@ def _check(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+def _check_gpu_ids(gpus: tuple[int, ...], field_name: str) -> None:
+    _check(all(0 <= g < 1024 for g in gpus), field_name, f"GPU ids must be in [0, 1024), got {list(gpus)}")
+    _check(len(set(gpus)) == len(gpus), field_name, f"GPU ids must not repeat, got {list(gpus)}")
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """The algorithm (SPEC.md): allocation, advantages, modulation, loss, staleness."""
@@ -247,7 +252,13 @@ class ActorConfig:
     sglang_urls: tuple[str, ...] = ()
     """Existing SGLang servers to attach to; empty with engine=sglang launches one per actor."""
     sglang_tp_size: int = 1
-    """Tensor-parallel size of each launched SGLang server."""
+    """Tensor-parallel size of each SGLang server (launched or attached; common/layout.py)."""
+    gpus: tuple[int, ...] = ()
+    """GPU ids of an actor host for the actors' engines: each actor takes the next slice of sglang_tp_size ids (HF:
+    one id). Empty: SGLang engines take the GPUs after the learner's, HF engines share the learner's (see
+    common/layout.py)."""
+    actors_per_host: int = 0
+    """Actors per actor host, all sharing that host's `actor.gpus`; 0: every actor runs on the learner's host."""
     sglang_pause_mode: PauseMode = "retract"
     """How SGLang pauses for a weight update."""
     abort_policy: AbortPolicy = "resubmit"
@@ -264,6 +275,8 @@ class ActorConfig:
         _check(0.0 < self.top_p <= 1.0, "actor.top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.threads >= 0, "actor.threads", "must be >= 0")
         _check(self.sglang_tp_size >= 1, "actor.sglang_tp_size", "must be >= 1")
+        _check_gpu_ids(self.gpus, "actor.gpus")
+        _check(self.actors_per_host >= 0, "actor.actors_per_host", "must be >= 0")
         _check(self.max_restarts >= 0, "actor.max_restarts", "must be >= 0")
 
 
@@ -288,9 +301,15 @@ class LearnerConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Learner parameter dtype."""
+    """Compute dtype. Weights and optimizer state stay float32 either way; `bfloat16` runs the forward and backward
+    under autocast (bf16 weights would round away most small AdamW updates)."""
     device: str = "auto"
     """`auto`, `cpu` or `cuda:N`."""
+    gpus: tuple[int, ...] = ()
+    """GPU ids of the learner host, one per data-parallel rank (local rank r uses gpus[r]); empty: GPU r."""
+    dist_timeout_s: float = 1800.0
+    """Timeout of the data-parallel learner's collectives. The other ranks wait in one while rank 0 fetches a batch
+    (up to fetch_timeout_s) and evaluates, so it must exceed fetch_timeout_s."""
     threads: int = 0
     """torch CPU threads for the learner (0: this host's cores shared evenly by the actors and the learner)."""
     checkpoint_every: int = 10
@@ -323,6 +342,9 @@ class LearnerConfig:
         _check(":" in self.sync_address, "learner.sync_address", "must be host:port")
         _check(self.sync_bucket_mb >= 1, "learner.sync_bucket_mb", "must be >= 1")
         _check(self.sync_timeout_s > 0, "learner.sync_timeout_s", "must be > 0")
+        _check_gpu_ids(self.gpus, "learner.gpus")
+        _check(self.dist_timeout_s > self.fetch_timeout_s, "learner.dist_timeout_s",
+               f"must exceed learner.fetch_timeout_s ({self.fetch_timeout_s}), got {self.dist_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -100,10 +100,10 @@ def build_sender(cfg: Config, device: torch.device) -> Any:
     """The weight sender, sized for the configured actors (SGLang engines take one rank per TP shard)."""
     from learner.weight_sync import WeightSender
 
-    if cfg.actor.engine == "sglang":
-        world_size, layout = 1 + cfg.actor.num_actors * cfg.actor.sglang_tp_size, "per_tensor"
-    else:
-        world_size, layout = 1 + cfg.actor.num_actors, "flat"
+    from common.layout import plan_layout
+
+    plan = plan_layout(cfg)
+    world_size, layout = plan.world_size, plan.weight_layout
     # Ship weights in the engine's dtype: half the bytes for bf16 engines, and they would cast anyway.
     return WeightSender(cfg.learner, world_size, device, layout, wire_dtype=getattr(torch, cfg.actor.dtype))
 

@@ -247,14 +247,30 @@ class SGLangServer:
         self.has_weight_update_session = reply is not None
 
 
-def launch_server(model_path: str, *, port: int, tp_size: int, dtype: str, seed: int,
-                  extra_args: tuple[str, ...] = (), log_path: str | None = None) -> subprocess.Popen:
-    """Start `python -m sglang.launch_server` on 127.0.0.1:port with the flags an RL actor needs."""
+def server_command(model_path: str, *, port: int, tp_size: int, dtype: str, seed: int,
+                   gpu_ids: tuple[int, ...], extra_args: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of `python -m sglang.launch_server` on 127.0.0.1:port with the flags an RL actor needs.
+
+    The server sees only its `gpu_ids` (CUDA_VISIBLE_DEVICES, common/layout.py) and starts at the first of them
+    (`--base-gpu-id 0`; sglang 0.5.23 srt/arg_groups/fields/device.py:28), so two servers of one host never land
+    on the same device."""
+    from common.layout import narrowed_env
+
+    if len(gpu_ids) != tp_size:
+        raise ValueError(f"gpu_ids: a tp {tp_size} server needs {tp_size} GPU ids, got {list(gpu_ids)}")
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
                "--port", str(port), "--tp-size", str(tp_size), "--dtype", dtype, "--random-seed", str(seed),
-               "--skip-tokenizer-init", *extra_args]
+               "--base-gpu-id", "0", "--skip-tokenizer-init", *extra_args]
+    env = {**os.environ, "NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0", **narrowed_env(gpu_ids)}
+    return command, env
+
+
+def launch_server(model_path: str, *, port: int, tp_size: int, dtype: str, seed: int, gpu_ids: tuple[int, ...],
+                  extra_args: tuple[str, ...] = (), log_path: str | None = None) -> subprocess.Popen:
+    """Start the server of `server_command`, its output appended to `log_path`."""
+    command, env = server_command(model_path, port=port, tp_size=tp_size, dtype=dtype, seed=seed, gpu_ids=gpu_ids,
+                                  extra_args=extra_args)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    env = {**os.environ, "NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0"}
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -292,10 +308,14 @@ class SGLangEngine:
 
     @classmethod
     def from_config(cls, cfg: Any, actor_index: int, log_dir: str | None = None) -> "SGLangEngine":
-        """Attach to cfg.actor.sglang_urls, or launch one server for this actor and wait until it is healthy."""
+        """Attach to this actor's share of cfg.actor.sglang_urls, or launch its one server on its GPUs, at the rank
+        offsets of common/layout.py; wait until healthy."""
+        from common.layout import LAUNCHED, plan_layout
+
         actor = cfg.actor
-        if actor.sglang_urls:
-            servers = [SGLangServer(url) for url in actor.sglang_urls]
+        slots = plan_layout(cfg).engines_of(actor_index)
+        if slots[0].url != LAUNCHED:
+            servers = [SGLangServer(slot.url) for slot in slots]
         else:
             from common.models import resolve_model_path
 
