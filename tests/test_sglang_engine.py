@@ -15,7 +15,8 @@ import pytest
 
 from actor.engines.base import SamplingParams
 from actor.engines.sglang import (GenerateRequest, MetaInfo, SGLangEngine, SGLangError, SGLangServer,
-                                  build_generate_request, parse_generate_response, token_versions)
+                                  build_generate_request, check_sglang_version, parse_generate_response,
+                                  token_versions)
 from common.schemas import TensorSpec, WeightAnnouncement
 
 KNOWN_SAMPLING_KEYS = {"temperature", "top_p", "max_new_tokens", "stop_token_ids", "sampling_seed"}
@@ -24,11 +25,13 @@ KNOWN_SAMPLING_KEYS = {"temperature", "top_p", "max_new_tokens", "stop_token_ids
 class FakeSGLang(ThreadingHTTPServer):
     """Records (method, path, body) and answers /generate with output ids [7, 8, 9] (finish 'length')."""
 
-    def __init__(self, *, has_session=True, abort_first=0, weight_version="default", health_status=200):
+    def __init__(self, *, has_session=True, abort_first=0, weight_version="default", health_status=200,
+                 session_open=False, failing_updates=0, version="0.5.23"):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.log, self.lock = [], threading.Lock()
         self.has_session, self.abort_left = has_session, abort_first
         self.weight_version, self.health_status = weight_version, health_status
+        self.session_open, self.failing_updates, self.version = session_open, failing_updates, version
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -65,6 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.server.log.append(("GET", self.path, None))
+        if self.path == "/server_info":
+            self._reply(200, {"version": self.server.version, "internal_states": []})
+            return
         status = self.server.health_status if self.path == "/health_generate" else 200
         self._reply(status, {"success": status == 200})
 
@@ -73,10 +79,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.log.append(("POST", self.path, body))
         if self.path.endswith("_weight_update") and not self.server.has_session:
             self._reply(404, {"detail": "Not Found"})
+        elif self.path.endswith("_weight_update") or self.path == "/update_weights_from_distributed":
+            self._reply(*self._session_rule())
         elif self.path == "/generate":
             self._reply(200, self.server.generate_reply(body))
         else:
             self._reply(200, {"success": True, "message": "ok"})
+
+    def _session_rule(self):
+        """sglang 0.5.23's refusals (srt/managers/scheduler_components/weight_updater.py:192-197, 309-330)."""
+        server = self.server
+        if self.path == "/begin_weight_update":
+            if server.session_open:
+                return 400, {"success": False, "message": "a weight-update session is already open; call "
+                                                          "end_weight_update() first"}
+            server.session_open = True
+        elif self.path == "/end_weight_update":
+            if not server.session_open:
+                return 400, {"success": False, "message": "no weight-update session is open; call "
+                                                          "begin_weight_update() first"}
+            server.session_open = False
+        elif server.has_session and not server.session_open:
+            return 400, {"success": False, "message": "update_weights_from_distributed must run between "
+                                                      "begin_weight_update() and end_weight_update()"}
+        elif server.failing_updates > 0:
+            server.failing_updates -= 1
+            return 400, {"success": False, "message": "Failed to receive weights: gloo timeout"}
+        return 200, {"success": True, "message": "ok"}
 
 
 @pytest.fixture
@@ -204,6 +233,59 @@ def test_join_then_update_session_in_contract_order(servers):
                               "shapes": [[4, 2], [4]], "group_name": "dynamo_weights_x_g0", "flush_cache": False,
                               "weight_version": "4"}
     assert engine.policy_version == 4
+
+
+@pytest.mark.unit
+def test_a_failed_bucket_ends_the_session_and_the_next_update_works(servers):
+    server = servers(failing_updates=1)
+    engine = SGLangEngine([SGLangServer(server.url)])
+    engine.update_from_announcement(_announcement(0, []))
+    with pytest.raises(SGLangError, match="Failed to receive weights"):
+        engine.update_from_announcement(_announcement(1, BUCKETS))
+    assert server.paths()[1:] == ["/pause_generation", "/begin_weight_update", "/update_weights_from_distributed",
+                                  "/end_weight_update", "/continue_generation"]
+    assert not server.session_open and engine.policy_version == 0
+    engine.update_from_announcement(_announcement(1, BUCKETS))  # a re-sent version 1 now goes through
+    assert engine.policy_version == 1 and not server.session_open
+
+
+@pytest.mark.unit
+def test_a_server_left_mid_session_is_recovered(servers):
+    # A previous driver died between /begin_weight_update and /end_weight_update.
+    server = servers(session_open=True)
+    engine = SGLangEngine([SGLangServer(server.url)])
+    engine.update_from_announcement(_announcement(0, []))
+    engine.update_from_announcement(_announcement(2, BUCKETS))
+    assert server.paths()[1:5] == ["/pause_generation", "/begin_weight_update", "/end_weight_update",
+                                   "/begin_weight_update"]
+    assert engine.policy_version == 2 and not server.session_open
+
+
+@pytest.mark.unit
+def test_a_failed_begin_on_one_server_ends_the_session_opened_on_the_other(servers):
+    good, stuck = servers(), servers(session_open=True)
+    stuck.has_session = True
+    engine = SGLangEngine([SGLangServer(good.url), SGLangServer(stuck.url)])
+    engine.update_from_announcement(_announcement(0, []))
+    stuck.failing_updates = 1
+    with pytest.raises(SGLangError):
+        engine.update_from_announcement(_announcement(1, BUCKETS))
+    assert not good.session_open and not stuck.session_open
+
+
+@pytest.mark.unit
+def test_attach_checks_the_version_and_undoes_a_previous_drivers_state(servers):
+    left_over = servers(session_open=True)
+    engine = SGLangEngine([SGLangServer(left_over.url)])
+    engine.attach(timeout_s=10.0)
+    assert left_over.paths()[:4] == ["/server_info", "/end_weight_update", "/continue_generation",
+                                     "/health_generate"]
+    assert not left_over.session_open
+    for version in ("0.5.20", "0.5.24", "0.6.0", "1.0.0"):
+        with pytest.raises(SGLangError, match=r"supports 0\.5\.21 \.\. 0\.5\.23"):
+            SGLangEngine([SGLangServer(servers(version=version).url)]).attach(timeout_s=10.0)
+    for version in ("0.5.21", "0.5.22rc1", "0.5.23", "0.5.23.post2"):
+        check_sglang_version(version)
 
 
 @pytest.mark.unit

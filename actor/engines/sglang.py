@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -129,6 +130,27 @@ class MetaInfo(msgspec.Struct):
     finish_reason: FinishReason | None = None
     weight_version: str | None = None
     weight_versions: list[Any] | None = None
+
+
+class _ServerInfo(msgspec.Struct):
+    version: str
+
+
+SUPPORTED_SGLANG = ((0, 5, 21), (0, 5, 23))
+"""Oldest and newest sglang release (inclusive) whose HTTP API this engine follows; see check_sglang_version."""
+
+
+def check_sglang_version(version: str, url: str = "") -> None:
+    """Raise SGLangError unless `version` ("0.5.23", "0.5.23.post1", "0.5.22rc0") lies in SUPPORTED_SGLANG."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if match is None:
+        raise SGLangError(f"sglang server {url}: cannot read its version {version!r}")
+    release = tuple(int(part) for part in match.groups())
+    low, high = SUPPORTED_SGLANG
+    if not low <= release <= high:
+        supported = f"{'.'.join(map(str, low))} .. {'.'.join(map(str, high))}"
+        raise SGLangError(f"sglang server {url} runs sglang {version}; this engine supports {supported} "
+                          f"(see the install matrix in README.md)")
 
 
 class GenerateOutput(msgspec.Struct):
@@ -239,12 +261,52 @@ class SGLangServer:
     def get(self, path: str, timeout_s: float | None = None) -> tuple[int, bytes]:
         return _http("GET", self.url + path, None, timeout_s or self.timeout_s)
 
-    def weight_update_session(self, phase: str) -> None:
-        """POST /begin_weight_update or /end_weight_update where the server has them (sglang >= 0.5.21)."""
+    def begin_session(self) -> bool:
+        """POST /begin_weight_update; True when a session is now open (False: a server without sessions).
+
+        sglang refuses a second begin while a session is open (scheduler_components/weight_updater.py:309-315,
+        HTTP 400 "already open"), so a server left mid-session (its previous driver died inside an update) is
+        recovered once: its stale session is ended, then the begin is repeated."""
         if self.has_weight_update_session is False:
-            return
-        reply = self.post(f"/{phase}_weight_update", EmptyRequest(), allow_404=True)
+            return False
+        try:
+            reply = self.post("/begin_weight_update", EmptyRequest(), allow_404=True)
+        except SGLangError as exc:
+            if exc.status != 400 or "already open" not in str(exc):
+                raise
+            logger.warning("sglang %s: a weight-update session was left open; ending it first", self.url)
+            self.end_session()
+            reply = self.post("/begin_weight_update", EmptyRequest())
         self.has_weight_update_session = reply is not None
+        return self.has_weight_update_session
+
+    def end_session(self) -> None:
+        self.post("/end_weight_update", EmptyRequest())
+
+    def end_stale_session(self) -> None:
+        """End a session a previous driver left open; a server with none answers 400 "no ... session is open"."""
+        try:
+            self.post("/end_weight_update", EmptyRequest(), allow_404=True)
+        except SGLangError as exc:
+            if exc.status != 400 or "no weight-update session is open" not in str(exc):
+                raise
+        else:
+            logger.warning("sglang %s: ended a weight-update session a previous driver left open", self.url)
+
+    def version(self) -> str:
+        """The server's sglang version (`version` of GET /server_info; /get_server_info on older servers)."""
+        for path in ("/server_info", "/get_server_info"):
+            status, content = self.get(path, timeout_s=60.0)
+            if status == 404:
+                continue
+            if status != 200:
+                raise SGLangError(f"GET {self.url}{path}: HTTP {status}: {content[:300]!r}", status)
+            try:
+                version = msgspec.json.decode(content, type=_ServerInfo).version
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise SGLangError(f"GET {self.url}{path}: no version in the reply ({exc})") from None
+            return version
+        raise SGLangError(f"{self.url}: neither /server_info nor /get_server_info exists (not an sglang server?)")
 
 
 def server_command(model_path: str, *, port: int, tp_size: int, dtype: str, seed: int,
@@ -288,7 +350,8 @@ class SGLangEngine:
 
     def __init__(self, servers: list[SGLangServer], *, pause_mode: str = "retract", abort_policy: str = "resubmit",
                  rank_offset: int = 1, tp_size: int = 1, sync_address: str = "127.0.0.1:29555",
-                 backend: str = "nccl", max_resubmits: int = 3, policy_version: int = 0):
+                 backend: str = "nccl", max_resubmits: int = 3, policy_version: int = 0,
+                 update_timeout_s: float = 600.0):
         if not servers:
             raise ValueError("SGLangEngine needs at least one server")
         self.servers = servers
@@ -300,6 +363,8 @@ class SGLangEngine:
         self.master_port = int(port)
         self.backend = backend
         self.max_resubmits = max_resubmits
+        self.update_timeout_s = update_timeout_s
+        """Longest wait for one bucket's reply (the server waits that long inside the broadcast)."""
         self.policy_version = policy_version
         self.aborted = 0
         """Aborted sequences seen (resubmitted or dropped)."""
@@ -322,13 +387,39 @@ class SGLangEngine:
             port = free_port()
             log_path = os.path.join(log_dir, f"sglang{actor_index}.log") if log_dir else None
             process = launch_server(str(resolve_model_path(cfg.run.model)), port=port, tp_size=actor.sglang_tp_size,
-                                    dtype=actor.dtype, seed=cfg.run.seed + actor_index, log_path=log_path)
+                                    dtype=actor.dtype, seed=cfg.run.seed + actor_index, log_path=log_path,
+                                    gpu_ids=slots[0].gpu_ids)
             servers = [SGLangServer(f"http://127.0.0.1:{port}", process=process)]
+        # Engine k of this actor joins at rank_offset + k * tp_size: the layout numbers an actor's engines
+        # consecutively with one tp size, so the first offset fixes them all.
         engine = cls(servers, pause_mode=actor.sglang_pause_mode, abort_policy=actor.abort_policy,
-                     rank_offset=1 + actor_index * len(servers) * actor.sglang_tp_size, tp_size=actor.sglang_tp_size,
-                     sync_address=cfg.learner.sync_address)
-        engine.wait_until_healthy(timeout_s=900.0)
+                     rank_offset=slots[0].rank_offset, tp_size=actor.sglang_tp_size,
+                     sync_address=cfg.learner.sync_address, update_timeout_s=cfg.learner.sync_timeout_s + 30.0)
+        engine.attach(timeout_s=900.0)
         return engine
+
+    def attach(self, timeout_s: float) -> None:
+        """Wait until every server answers, check its sglang version, undo what a previous driver left (an open
+        weight-update session, paused generation), then wait until it generates."""
+        deadline = time.monotonic() + timeout_s
+        for server in self.servers:
+            version = self._wait_for_version(server, deadline)
+            check_sglang_version(version, server.url)
+            logger.info("sglang %s: version %s", server.url, version)
+        self._each(lambda s: s.end_stale_session())
+        self.resume()
+        self.wait_until_healthy(max(deadline - time.monotonic(), 1.0))
+
+    def _wait_for_version(self, server: SGLangServer, deadline: float) -> str:
+        while True:
+            try:
+                return server.version()
+            except SGLangError as exc:  # not up yet (refused, or 5xx while it starts)
+                if server.process is not None and server.process.poll() is not None:
+                    raise SGLangError(f"sglang server {server.url} exited with {server.process.returncode}") from None
+                if time.monotonic() > deadline:
+                    raise SGLangError(f"sglang server {server.url} not answering: {exc}") from None
+            time.sleep(2.0)
 
     def wait_until_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -390,31 +481,56 @@ class SGLangEngine:
         raise NotImplementedError("SGLang engines receive weights through update_from_announcement (broadcast)")
 
     def update_from_announcement(self, ann: Any) -> dict[str, float]:
-        """Follow one learner WeightAnnouncement: join on an invitation, else run the update session."""
+        """Follow one learner WeightAnnouncement: join on an invitation, else install its version (which may equal
+        the current one: a re-sent version). Returns only after every bucket's reply came back OK; raises
+        SGLangError on any failure, with every weight-update session it opened ended and generation resumed."""
         start = time.monotonic()
         if not ann.buckets:
             self._join_group(ann)
             return {"time/sglang_join_s": time.monotonic() - start}
-        if any(server.group_name != ann.group_name for server in self.servers):
-            logger.warning("sglang: announcement for group %s that these servers have not joined; skipped",
-                           ann.group_name)
-            return {}
+        stray = [server.url for server in self.servers if server.group_name != ann.group_name]
+        if stray:
+            raise SGLangError(f"version {ann.version} announced on group {ann.group_name}, which {stray} have not "
+                              f"joined")
         self.pause()
         try:
-            self._each(lambda s: s.weight_update_session("begin"))
-            for bucket in ann.buckets:
-                request = UpdateWeightsFromDistributedRequest(
-                    names=[t.name for t in bucket], dtypes=[t.dtype for t in bucket],
-                    shapes=[list(t.shape) for t in bucket], group_name=ann.group_name, flush_cache=False,
-                    weight_version=str(ann.version))
-                self._each(lambda s: s.post("/update_weights_from_distributed", request))
-            self._each(lambda s: s.weight_update_session("end"))
+            self._install(ann)
             if self.pause_mode != "in_place":
                 self._each(lambda s: _check_status(s.get("/flush_cache"), s.url + "/flush_cache"))
             self.policy_version = int(ann.version)
         finally:
             self.resume()
         return {"time/weight_swap_s": time.monotonic() - start}
+
+    def _install(self, ann: Any) -> None:
+        """begin -> one /update_weights_from_distributed per bucket -> end, on every server at once.
+
+        sglang 0.5.23 refuses a second /begin_weight_update while a session is open, so a session this call
+        opened is always ended, also when a bucket failed; otherwise one failed bucket wedges the server."""
+        opened: list[SGLangServer] = []
+        lock = threading.Lock()
+
+        def begin(server: SGLangServer) -> None:
+            if server.begin_session():
+                with lock:
+                    opened.append(server)
+
+        try:
+            self._each(begin)
+            for bucket in ann.buckets:
+                request = UpdateWeightsFromDistributedRequest(
+                    names=[t.name for t in bucket], dtypes=[t.dtype for t in bucket],
+                    shapes=[list(t.shape) for t in bucket], group_name=ann.group_name, flush_cache=False,
+                    weight_version=str(ann.version))
+                self._each(lambda s: s.post("/update_weights_from_distributed", request,
+                                            timeout_s=self.update_timeout_s))
+        except BaseException:
+            try:
+                _collect([self._pool.submit(server.end_session) for server in opened])
+            except SGLangError as exc:
+                logger.error("sglang: ending the weight-update session after a failed update failed too: %s", exc)
+            raise
+        _collect([self._pool.submit(server.end_session) for server in opened])
 
     def _join_group(self, ann: Any) -> None:
         def join(index: int, server: SGLangServer) -> None:
