@@ -294,6 +294,10 @@ class LearnerConfig:
     """Learner steps in the run."""
     lr: float = 2e-5
     """AdamW learning rate (constant after warm-up)."""
+        # SGLang returns the log-prob under the full tempered distribution, not the top-p one it sampled from.
+        _check(self.engine != "sglang" or self.top_p == 1.0, "actor.top_p",
+               f"must be 1 with engine sglang, got {self.top_p}: sglang's returned log-prob is of the full tempered "
+               f"distribution, not the top-p one sampled from, so importance weights would be biased")
     warmup_steps: int = 0
     """Linear warm-up steps."""
     weight_decay: float = 0.0
