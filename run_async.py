@@ -60,6 +60,9 @@ def prepare_run_dir(cfg: Config) -> tuple[Config, Path]:
         cfg = with_overrides(cfg, run={"secret": secrets.token_hex(16)})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
+    from buffer.curve import with_run_curve_keys
+
+    cfg = with_run_curve_keys(cfg, run_dir)  # a buffer other hosts can reach speaks CURVE only
     save_config(cfg, run_dir / "config.json")
     os.chmod(run_dir / "config.json", 0o600)
     return cfg, run_dir

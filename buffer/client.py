@@ -11,15 +11,27 @@ no reply within `timeout_s` closes the socket (so a late reply can never be read
 and a restarted server is reached through a fresh connection) and is retried up to `retries` times; then
 `BufferTimeout`. Every request is safe to retry: lease and fetch carry a request id the server answers once, a
 submitted group is deduplicated by (lease_id, prompt_id), and the rest are idempotent.
+
+The learner: `BufferClient(..., secret=run.secret)`; `register("learner", ...)` presents the secret and keeps the
+session token that `report_version` carries. A report refused as `not_learner` (the buffer restarted and forgot the
+session, or another learner took over) re-registers once and reports again.
+
+Reconnects: `reconnects` counts connections to the buffer after the first (ZeroMQ reconnects by itself when the
+buffer restarts; a timeout also replaces the socket). `on_reconnect`, if set, is called with no arguments after the
+first successful request on a new connection, e.g. for the learner to re-report its version to a buffer restored
+from an older snapshot. A request larger than `max_message_bytes` raises `BufferRejected("too_large")` before it is
+sent (the buffer would drop the connection); a timeout says the server may be unreachable or may have refused the
+handshake (CURVE keys missing or not authorised), and which of the two when the handshake was seen to fail.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from common.schemas import (
     Ack,
@@ -67,21 +79,38 @@ class BufferProtocolError(BufferError):
     """The reply could not be decoded or was of the wrong type."""
 
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
 class BufferClient:
     @classmethod
-    def from_config(cls, buffer_cfg: Any, *, timeout_s: float = 30.0) -> "BufferClient":
-        """A client for the buffer a BufferConfig describes (bind address made connectable, CURVE keys if set)."""
+    def from_config(cls, buffer_cfg: Any, *, timeout_s: float = 30.0, secret: str = "") -> "BufferClient":
+        """A client for the buffer a BufferConfig describes (bind address made connectable, CURVE keys if set);
+        `secret`: the run's secret, for the learner."""
         from common.addresses import connect_address
 
         return cls(connect_address(buffer_cfg.address), timeout_s=timeout_s,
                    curve_server_public_key_file=buffer_cfg.curve_server_public_key_file,
-                   curve_client_secret_key_file=buffer_cfg.curve_client_secret_key_file)
+                   curve_client_secret_key_file=buffer_cfg.curve_client_secret_key_file, secret=secret,
+                   max_message_bytes=buffer_cfg.max_message_bytes)
 
     def __init__(self, address: str, *, timeout_s: float = 30.0, curve_server_public_key_file: str = "",
-                 curve_client_secret_key_file: str = "", retries: int = 2):
+                 curve_client_secret_key_file: str = "", retries: int = 2, secret: str = "",
+                 max_message_bytes: int = 64 * 1024 * 1024):
         self.address = address
         self.timeout_s = timeout_s
         self.retries = retries
+        self.secret = secret
+        self.max_message_bytes = max_message_bytes
+        self.reconnects = 0
+        self.on_reconnect: Callable[[], None] | None = None
+        self._connections = 0
+        self._reconnects_seen = 0
+        self._handshake_failed = ""
+        self._session = ""
+        self._learner_id = "learner"
+        self._monitor: zmq.Socket | None = None
         self._curve = (curve_server_public_key_file, curve_client_secret_key_file)
         if bool(curve_server_public_key_file) != bool(curve_client_secret_key_file):
             raise ValueError("CURVE needs both curve_server_public_key_file and curve_client_secret_key_file")
@@ -96,8 +125,12 @@ class BufferClient:
     # ------------------------------------------------------------------------------------------- API
 
     def register(self, role: str, client_id: str) -> int:
-        """Announce a client; returns the buffer's policy_version."""
-        return self._call(Register(role=role, client_id=client_id), Registered).policy_version
+        """Announce a client; returns the buffer's policy_version. The `learner` role presents the secret."""
+        reply = self._call(Register(role=role, client_id=client_id, secret=self.secret if role == "learner" else ""),
+                           Registered)
+        if role == "learner":
+            self._session, self._learner_id = reply.session, client_id
+        return reply.policy_version
 
     def lease(self, actor_id: str, max_prompts: int, wait_s: float = 0.0) -> LeaseGrant:
         """Up to max_prompts (prompt, n) work items; none with `wait_reason` when the buffer says wait.
@@ -124,13 +157,19 @@ class BufferClient:
         """
         payloads = [encode_message(Submit(lease_id=lease_id, group=g)) for g in groups]
         results: list[Any] = [None] * len(groups)
-        todo = list(range(len(groups)))
+        todo = []
+        for i, payload in enumerate(payloads):
+            try:
+                self._check_size(payload, f"Submit of groups[{i}]")
+                todo.append(i)
+            except BufferRejected as exc:
+                results[i] = exc
         for attempt in range(self.retries + 1):
             todo = self._pipeline(payloads, todo, results, retried=attempt > 0, window=max(1, min(window, 256)))
             if not todo:
                 return results
-        raise BufferTimeout(f"Submit: {len(todo)} of {len(groups)} groups unanswered by {self.address} "
-                            f"within {self.timeout_s:.1f} s ({self.retries + 1} attempts)")
+        raise BufferTimeout(self._timeout_message(f"Submit: {len(todo)} of {len(groups)} groups unanswered",
+                                                  self.retries + 1))
 
     def release(self, lease_id: int, prompt_ids: list[str]) -> str:
         """Give back prompts this actor will not finish; they are re-issued first."""
@@ -144,8 +183,19 @@ class BufferClient:
                                 wait_s=wait_s), Batch, wait_s)
 
     def report_version(self, version: int, rollback: bool = False) -> None:
-        """The learner's version after a step; rollback=True after resuming from an older checkpoint."""
-        self._call(ReportVersion(version=version, rollback=rollback), Ack)
+        """The learner's version after a step; rollback=True after resuming from an older checkpoint.
+
+        Registers as the learner first if this client has no session; re-registers once if the buffer no longer
+        knows the session (it restarted)."""
+        if not self._session:
+            self.register("learner", self._learner_id)
+        try:
+            self._call(ReportVersion(version=version, rollback=rollback, session=self._session), Ack)
+        except BufferRejected as exc:
+            if exc.code != "not_learner":
+                raise
+            self.register("learner", self._learner_id)
+            self._call(ReportVersion(version=version, rollback=rollback, session=self._session), Ack)
 
     def stats(self) -> dict[str, Any]:
         return self._call(StatsRequest(), Stats).counters
@@ -161,6 +211,11 @@ class BufferClient:
     def close(self) -> None:
         if self._sock is not None:
             self._poller.unregister(self._sock)
+            if self._monitor is not None:
+                self._drain_monitor()
+                self._sock.disable_monitor()
+                self._monitor.close(0)
+                self._monitor = None
             self._sock.close(0)
             self._sock = None
 
@@ -186,9 +241,43 @@ class BufferClient:
             if secret is None:
                 raise ValueError(f"{client_secret_file}: holds no secret key")
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_public, public, secret
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED)
         sock.connect(self.address)
         self._sock = sock
         self._poller.register(sock, zmq.POLLIN)
+
+    def _drain_monitor(self) -> None:
+        """Count completed handshakes (each one after the first is a reconnect) and remember a refused one."""
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connections += 1
+                self.reconnects = max(0, self._connections - 1)
+                self._handshake_failed = ""
+            elif event & _HANDSHAKE_FAILED:
+                self._handshake_failed = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused",
+                                          zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "security mechanism mismatch"
+                                          }.get(event, "handshake failed")
+
+    def _after_reply(self) -> None:
+        """Tell the caller about a new connection once a request on it succeeded (not from inside the callback)."""
+        self._drain_monitor()
+        if self.reconnects > self._reconnects_seen:
+            self._reconnects_seen = self.reconnects
+            if self.on_reconnect is not None:
+                self.on_reconnect()
+
+    def _check_size(self, payload: bytes, what: str) -> None:
+        if len(payload) > self.max_message_bytes:
+            raise BufferRejected("too_large", f"{what}: {len(payload)} bytes exceeds the limit of "
+                                              f"{self.max_message_bytes} (buffer.max_message_bytes); not sent")
+
+    def _timeout_message(self, what: str, attempts: int) -> str:
+        self._drain_monitor()
+        detail = (f"; the server refused the handshake ({self._handshake_failed}: CURVE keys missing or not "
+                  "authorised)" if self._handshake_failed else "")
+        return (f"{what}: no reply from {self.address} within {self.timeout_s:.1f} s ({attempts} attempts): "
+                f"authentication failed or server unreachable{detail}")
 
     def _reconnect(self) -> None:
         self.close()
@@ -197,6 +286,7 @@ class BufferClient:
     def _call(self, msg: Any, expect: type, held_s: float = 0.0) -> Any:
         """`held_s`: how long the server may hold this request before answering (added to the reply timeout)."""
         payload = encode_message(msg)
+        self._check_size(payload, type(msg).__name__)
         for attempt in range(self.retries + 1):
             # A bad wait (negative, NaN) adds nothing here: the server rejects it, naming the field.
             reply = self._exchange(payload, self.timeout_s + (held_s if held_s > 0 else 0.0))
@@ -208,9 +298,9 @@ class BufferClient:
                 raise BufferRejected(reply.code, reply.message)
             if not isinstance(reply, expect):
                 raise BufferProtocolError(f"expected {expect.__name__}, got {type(reply).__name__}")
+            self._after_reply()
             return reply
-        raise BufferTimeout(f"{type(msg).__name__}: no reply from {self.address} within {self.timeout_s:.1f} s "
-                            f"({self.retries + 1} attempts)")
+        raise BufferTimeout(self._timeout_message(type(msg).__name__, self.retries + 1))
 
     def _pipeline(self, payloads: list[bytes], todo: list[int], results: list[Any], *, retried: bool,
                   window: int) -> list[int]:

@@ -29,7 +29,7 @@ class SnapshotSource:
     def __init__(self, path: str):
         from buffer.state import BufferState, decode_snapshot
 
-        snap = decode_snapshot(Path(path).read_bytes())
+        snap = decode_snapshot(Path(path).read_bytes(), source=path)
         self.saved_at = snap.saved_at
         self.state = BufferState.from_snapshot(snap)
 
@@ -176,8 +176,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0; 1 when the buffer cannot be reached or the snapshot cannot be read (the reason on stderr)."""
+    from buffer.client import BufferError
+
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    console = Console()
+    try:
+        return run(args, Console())
+    except (BufferError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
     if args.snapshot:
         source: Any = SnapshotSource(args.snapshot)
     else:

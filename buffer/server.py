@@ -12,21 +12,34 @@ invalid requests get an `Error(code, message)` naming the field and are counted,
 a Fetch or LeaseRequest with `wait_s > 0` that would get nothing now (too few queued groups; admission control or
 back-pressure) is held, in arrival order, and answered the moment it can be served or when its wait runs out, so
 neither the learner nor an actor sleeps past the event it waits for. The state is
-snapshotted atomically (tmp + fsync + rename) every `buffer.snapshot_interval_s`, on SnapshotRequest and on
-SIGTERM/SIGINT, and restored on start. With a run dir, `buffer/*` metrics go to <run_dir>/metrics.jsonl every few
-seconds. An address with port 0 binds a free port; the bound endpoint is printed as `buffer listening on ...`.
+snapshotted atomically (tmp + fsync + rename, the previous file kept as `<snapshot>.prev`) every
+`buffer.snapshot_interval_s`, on SnapshotRequest and on SIGTERM/SIGINT, and restored on start (a corrupt file is
+refused by name and the previous one used). With a run dir, `buffer/*` metrics go to <run_dir>/metrics.jsonl every
+few seconds. An address with port 0 binds a free port; the bound endpoint is printed as `buffer listening on ...`.
+
+Failure model: nothing a client sends can stop the loop. Every integer is range-checked at decode time; an
+exception while handling, encoding or sending a reply is logged, counted (`errors.internal`) and answered with
+`Error("internal")`; a failed snapshot write is logged, counted (`snapshot_failures`) and retried at the next
+interval while the last good snapshot stays. Only the registered learner may report versions: it registers with
+the run's secret (`run.secret`) and gets a session token its reports carry; a new learner registration takes over.
+A non-loopback bind needs CURVE (or `buffer.insecure`). Per-client memory (registrations, replay cache) is bounded
+by `buffer.max_clients`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +47,8 @@ from typing import Any, Callable
 import zmq
 import zmq.auth
 
-from buffer.state import BufferState, PromptRecord, Rejection, decode_snapshot, encode_snapshot
+from buffer.curve import is_local_address
+from buffer.state import BufferState, PromptRecord, Rejection, SnapshotError, decode_snapshot, encode_snapshot
 from common.config import Config, config_to_dict, parse_cli
 from common.schemas import (
     Ack,
@@ -103,30 +117,75 @@ def load_prompt_records(cfg: Config, prompts_jsonl: str = "") -> list[PromptReco
 # ---------------------------------------------------------------------------------------------- snapshots
 
 
+def previous_snapshot_path(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
 def write_snapshot_file(path: Path, data: bytes) -> None:
-    """Atomic replace: a reader (or a kill -9) sees the old file or the new one, never a torn one."""
+    """Atomic replace keeping the previous file as `.prev`: a reader (or a kill -9) sees the old file or the new
+    one, never a torn one, and a snapshot that later turns out corrupt still has a good predecessor."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a partial temp file must not fill what little space is left
+        raise
+    if path.exists():
+        os.replace(path, previous_snapshot_path(path))
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # make the renames themselves durable
     finally:
         os.close(dir_fd)
 
 
+def load_snapshot_file(path: Path) -> Any:
+    """The Snapshot in `path`; SnapshotError naming the file if it is corrupt, truncated or of another format."""
+    return decode_snapshot(path.read_bytes(), source=str(path))
+
+
 def restore_or_create(cfg: Config, prompts: list[PromptRecord], snapshot_path: Path | None) -> BufferState:
+    """Restore from the snapshot (or, if it is corrupt, the previous one) or start fresh; persist at once.
+
+    Writing the new state before serving persists its incarnation, so two restarts from one snapshot never hand out
+    the same lease ids. A corrupt newest snapshot is moved aside (`.corrupt`) when the previous one is used; if
+    snapshots exist but none can be loaded, this refuses to start (ValueError naming the files) rather than start
+    empty and lose the run's queue and statistics.
+    """
     now = time.monotonic()
-    if snapshot_path is not None and snapshot_path.exists():
-        state = BufferState.from_snapshot(decode_snapshot(snapshot_path.read_bytes()), cfg, prompts, now=now)
-        log.info("restored %s: policy_version %d, %d queued groups, %d groups received", snapshot_path,
-                 state.policy_version, len(state.queue), state.counters.groups_received)
-        return state
-    return BufferState(cfg, prompts, now=now)
+    if snapshot_path is None:
+        return BufferState(cfg, prompts, now=now)
+    candidates = [p for p in (snapshot_path, previous_snapshot_path(snapshot_path)) if p.exists()]
+    problems: list[str] = []
+    state = None
+    for path in candidates:
+        try:
+            state = BufferState.from_snapshot(load_snapshot_file(path), cfg, prompts, now=now)
+        except SnapshotError as exc:
+            log.error("refusing snapshot: %s", exc)
+            problems.append(str(exc))
+            continue
+        log.info("restored %s: policy_version %d, %d queued groups, %d groups received, incarnation %d", path,
+                 state.policy_version, len(state.queue), state.counters.groups_received, state.incarnation)
+        if path != snapshot_path and snapshot_path.exists():
+            os.replace(snapshot_path, snapshot_path.with_name(snapshot_path.name + ".corrupt"))
+        break
+    if state is None and candidates:
+        raise ValueError("no usable buffer snapshot: " + "; ".join(problems) + " (move them away to start empty)")
+    state = state or BufferState(cfg, prompts, now=now)
+    try:
+        write_snapshot_file(snapshot_path, encode_snapshot(state.to_snapshot(time.time())))
+    except OSError as exc:
+        state.counters.snapshot_failures += 1
+        log.error("snapshot %s: cannot write the restored state (%s); lease ids may repeat if the buffer dies "
+                  "before the next successful snapshot", snapshot_path, exc)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -137,7 +196,8 @@ def metrics_record(stats: dict[str, Any], previous: dict[str, Any] | None, dt: f
     scalar_keys = ("queue_depth", "in_flight", "live_leases", "admission_room", "epoch", "epoch_progress",
                    "leases_granted", "leases_expired", "leases_released", "prompts_leased", "groups_received",
                    "groups_zero_variance", "groups_dropped_stale", "groups_dropped_rollback", "groups_served",
-                   "samples_received", "messages_bad")
+                   "samples_received", "messages_bad", "snapshot_failures", "informative_yield",
+                   "informative_sample_yield")
     m: dict[str, float] = {f"buffer/{k}": stats[k] for k in scalar_keys}
     m["buffer/groups_rejected"] = sum(stats["groups_rejected"].values())
     for reason, count in stats["groups_rejected"].items():
@@ -189,7 +249,8 @@ class BufferServer:
         self._auth: Any = None
         self._dirty = False
         self._last_snapshot = time.monotonic()
-        self._replay: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._replay: OrderedDict[tuple[str, str], tuple[int, Any]] = OrderedDict()  # least recent first
+        self._learner_session = ""
         self._parked: list[_Parked] = []
         self._metrics: Any = None
         self._last_metrics: tuple[float, dict[str, Any]] | None = None
@@ -202,6 +263,11 @@ class BufferServer:
     # ------------------------------------------------------------------------------------------- setup
 
     def bind(self) -> str:
+        b = self.cfg.buffer
+        if not b.curve_secret_key_file and not b.insecure and not is_local_address(b.address):
+            raise ValueError(f"buffer.address: {b.address} is reachable from other hosts but CURVE is off; give "
+                             "--buffer.curve-secret-key-file/--buffer.curve-public-keys-dir (python -m buffer.keys "
+                             "DIR makes them; run_async.py does it for you) or accept the risk with --buffer.insecure")
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # The socket limit sits above the application limit so that a moderately oversized request still gets an
@@ -252,11 +318,11 @@ class BufferServer:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(frames)
-            self._housekeeping(time.monotonic())
-            self._answer_parked(time.monotonic())
-        self._answer_parked(float("inf"))
-        self.write_snapshot()
+                    self._guarded(self._handle, frames)
+            self._guarded(self._housekeeping, time.monotonic())
+            self._guarded(self._answer_parked, time.monotonic())
+        self._guarded(self._answer_parked, float("inf"))
+        self._try_snapshot("final")
         if self._metrics is not None:
             self.log_metrics(time.monotonic())
 
@@ -266,11 +332,19 @@ class BufferServer:
         soonest = min(p.deadline for p in self._parked) - time.monotonic()
         return max(0, int(min(TICK_S, soonest) * 1000) + 1)
 
+    def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
+        """One step of the loop; a bug in it is logged and counted, and the loop goes on serving."""
+        try:
+            step(arg)
+        except Exception:
+            log.exception("internal error in %s", step.__name__)
+            self.state.count_error("internal")
+
     def _housekeeping(self, now: float) -> None:
         if self.state.expire_leases(now):
             self._dirty = True
         if self._dirty and now - self._last_snapshot >= self.cfg.buffer.snapshot_interval_s:
-            self.write_snapshot()
+            self._try_snapshot("periodic")
         if self._metrics is not None and (self._last_metrics is None
                                           or now - self._last_metrics[0] >= METRICS_INTERVAL_S):
             self.log_metrics(now)
@@ -348,15 +422,33 @@ class BufferServer:
         assert self.sock is not None
         try:
             data = encode_message(reply)
+        except Exception as exc:  # a reply the protocol cannot carry is a bug here, not a reason to stop serving
+            log.exception("cannot encode a %s reply", type(reply).__name__)
+            self.state.count_error("internal")
+            data = encode_message(Error(code="internal", message=f"{type(reply).__name__}: cannot encode the reply "
+                                                                 f"({type(exc).__name__}: {exc})"))
+        try:
             # Zero-copy pays only for big replies (batches); for small ones its bookkeeping costs ~30 us a send.
             self.sock.send_multipart([*envelope, data], zmq.NOBLOCK, copy=len(data) < 65536)
         except zmq.Again:  # the peer's pipe is full (it stopped reading): drop the reply, it will time out
+            self.state.count_error("reply_dropped")
+        except zmq.ZMQError as exc:  # e.g. the peer is gone (EHOSTUNREACH): its request dies with it
+            log.warning("reply to a peer dropped: %s", exc)
             self.state.count_error("reply_dropped")
 
     # ------------------------------------------------------------------------------------------- handlers
 
     def _on_register(self, msg: Register, now: float) -> Registered:
-        return Registered(policy_version=self.state.register(msg.role, msg.client_id))
+        session = ""
+        if msg.role == "learner":
+            expected = self.cfg.run.secret
+            if expected and not hmac.compare_digest(msg.secret.encode(), expected.encode()):
+                raise Rejection("auth_failed", "secret: does not match this run's secret (run.secret); only the "
+                                               "run's learner may register as 'learner'")
+            # A new learner registration (a restarted or resumed learner) takes over from the previous one.
+            session = self._learner_session = secrets.token_hex(16)
+            log.info("learner %r registered (policy_version %d)", msg.client_id, self.state.policy_version)
+        return Registered(policy_version=self.state.register(msg.role, msg.client_id), session=session)
 
     def _on_lease(self, msg: LeaseRequest, now: float) -> Any:
         _check_wait(msg.wait_s)
@@ -376,6 +468,9 @@ class BufferServer:
         return self._once(_replay_key(msg), msg.request_id, lambda: self.state.fetch(msg.n_groups))
 
     def _on_version(self, msg: ReportVersion, now: float) -> Ack:
+        if not (self._learner_session and hmac.compare_digest(msg.session.encode(), self._learner_session.encode())):
+            raise Rejection("not_learner", "session: only the registered learner may report versions; register as "
+                                           "'learner' (with the run's secret) first")
         self._dirty = True
         self.state.report_version(msg.version, rollback=msg.rollback)
         return Ack()
@@ -389,7 +484,9 @@ class BufferServer:
     def _on_snapshot(self, msg: SnapshotRequest, now: float) -> Ack:
         if self.snapshot_path is None:
             return Ack(note="no snapshot path configured (run without a run dir)")
-        self.write_snapshot()
+        problem = self._try_snapshot("requested")
+        if problem:
+            raise Rejection("snapshot_failed", f"snapshot {self.snapshot_path}: {problem}; the previous one stays")
         return Ack(note=str(self.snapshot_path))
 
     def _once(self, key: tuple[str, str], request_id: int, make: Callable[[], Any]) -> Any:
@@ -402,6 +499,10 @@ class BufferServer:
         reply = make()
         if request_id:
             self._replay[key] = (request_id, reply)
+            self._replay.move_to_end(key)
+            while len(self._replay) > self.cfg.buffer.max_clients:
+                self._replay.popitem(last=False)
+                self.state.counters.replay_evictions += 1
         return reply
 
     # ------------------------------------------------------------------------------------------- outputs
@@ -412,6 +513,19 @@ class BufferServer:
         write_snapshot_file(self.snapshot_path, encode_snapshot(self.state.to_snapshot(time.time())))
         self._dirty = False
         self._last_snapshot = time.monotonic()
+
+    def _try_snapshot(self, why: str) -> str:
+        """Write the snapshot; on failure (full disk, I/O error) log and count it, keep serving, and retry after
+        the next interval. Returns the problem, or '' on success."""
+        try:
+            self.write_snapshot()
+        except OSError as exc:
+            self.state.counters.snapshot_failures += 1
+            self._last_snapshot = time.monotonic()  # retry after one interval, not in a tight loop
+            log.error("%s snapshot %s failed (%s); the last good snapshot stays, retrying in %.0f s", why,
+                      self.snapshot_path, exc, self.cfg.buffer.snapshot_interval_s)
+            return str(exc)
+        return ""
 
     def log_metrics(self, now: float) -> None:
         stats = self.state.stats_dict(now)
@@ -468,7 +582,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(rest, description="The replay buffer service (--run-dir DIR, --prompts-jsonl FILE).")
     snapshot_path = snapshot_path_for(cfg, own.run_dir)
     prompts = load_prompt_records(cfg, own.prompts_jsonl)
-    state = restore_or_create(cfg, prompts, snapshot_path)
+    try:
+        state = restore_or_create(cfg, prompts, snapshot_path)
+    except ValueError as exc:
+        raise SystemExit(f"buffer: {exc}") from None
     server = BufferServer(cfg, state, snapshot_path=snapshot_path, run_dir=Path(own.run_dir) if own.run_dir else None)
     endpoint = server.bind()
     stop = threading.Event()

@@ -13,14 +13,29 @@ Admission control (SPEC §5): a lease of m prompts fits only if
     served + queued + in_flight + m <= (policy_version + max_staleness + 1) * groups_per_step,
 where `served` counts only groups handed to the learner (dropped groups free their slot, or the learner starves).
 
+Lease ids are `incarnation * 2**31 + n`: every restore from a snapshot starts a new incarnation (persisted at once
+by the server), so a lease id handed out after the last snapshot by a buffer that then died is never handed out
+again, and a late group for it is refused as an unknown lease.
+
+Only the learner moves `policy_version`: forward by at most `buffer.max_version_jump` per report, backward only
+with rollback=True. The informative yield (groups with reward variance / generated groups, over the last
+`buffer.yield_window_groups`) is tracked at ingest; below `buffer.low_yield_threshold` on a full window the stats
+carry a one-sentence `low_yield_warning`, logged once per episode.
+
+A snapshot file is a header (magic, format, payload length, SHA-256 of format + length + payload) followed by the
+MessagePack payload: `decode_snapshot` refuses any file whose header or checksum does not match, naming it.
+
 Time is passed in explicitly (`now`, monotonic seconds) so tests can drive expiry without sleeping.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import random
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -38,11 +53,20 @@ from common.schemas import (
     ServedGroup,
     SubmitAck,
     WireError,
+    INT32_MAX,
     WorkItem,
     validate_sample,
 )
 
-SNAPSHOT_FORMAT = 1
+log = logging.getLogger("buffer")
+
+SNAPSHOT_FORMAT = 2
+SNAPSHOT_MAGIC = b"DYNAMO-RL-BUFFER"
+_SNAPSHOT_HEADER = struct.Struct("<16sIQ32s")  # magic, format, payload length, sha256(format, length, payload)
+LEASE_SEQ_LIMIT = 2**31
+"""Lease ids of one incarnation: incarnation * LEASE_SEQ_LIMIT + [1, LEASE_SEQ_LIMIT)."""
+MAX_INCARNATION = 2**32 - 1
+"""Keeps every lease id below 2**63 (the wire's int64)."""
 ALLOCATION_HISTORY = 16
 """Recent allocations remembered per prompt (for inspection)."""
 RETIRED_LEASES_KEPT = 16384
@@ -117,6 +141,11 @@ class Counters(msgspec.Struct, kw_only=True):
     staleness_hist: dict[int, int] = msgspec.field(default_factory=dict)
     messages_bad: int = 0
     errors: dict[str, int] = msgspec.field(default_factory=dict)
+    snapshot_failures: int = 0
+    replay_evictions: int = 0
+    """Replay-cache entries (last lease/fetch answer of a client) forgotten to stay within buffer.max_clients."""
+    clients_evicted: int = 0
+    """Registered clients forgotten to stay within buffer.max_clients."""
 
 
 class Snapshot(msgspec.Struct, kw_only=True):
@@ -137,6 +166,11 @@ class Snapshot(msgspec.Struct, kw_only=True):
     retired: dict[int, RetiredLease]
     next_lease_id: int
     next_arrival: int
+    incarnation: int = 1
+
+
+class SnapshotError(ValueError):
+    """A snapshot file that must not be loaded (not a snapshot, unsupported format, truncated, corrupt)."""
 
 
 @dataclass
@@ -181,10 +215,14 @@ class BufferState:
         self.retired: OrderedDict[int, RetiredLease] = OrderedDict()
         self.queue: deque[QueuedGroup] = deque()
         self.counters = Counters()
-        self.clients: dict[str, set[str]] = {}
+        self.clients: OrderedDict[tuple[str, str], None] = OrderedDict()  # (role, client_id), least recent first
+        self.incarnation = 1
         self.next_lease_id = 1
         self.next_arrival = 0
         self.started_at = now
+        self.yield_window: deque[tuple[int, int, int]] = deque()  # (informative, samples, all correct) per group
+        self._yield_sums = [0, 0, 0, 0]  # informative groups, samples, informative samples, all-correct groups
+        self.low_yield_warning = ""
 
     # ------------------------------------------------------------------------------------------- gauges
 
@@ -201,7 +239,13 @@ class BufferState:
     # ------------------------------------------------------------------------------------------- requests
 
     def register(self, role: str, client_id: str) -> int:
-        self.clients.setdefault(role, set()).add(client_id)
+        """Remember a client (the least recently registered is forgotten beyond buffer.max_clients)."""
+        key = (role, client_id)
+        self.clients[key] = None
+        self.clients.move_to_end(key)
+        while len(self.clients) > self.cfg.buffer.max_clients:
+            self.clients.popitem(last=False)
+            self.counters.clients_evicted += 1
         return self.policy_version
 
     def _lease_wait_reason(self) -> str | None:
@@ -230,9 +274,8 @@ class BufferState:
         if reason is not None:
             return self._wait(reason)
         leased = self._distinct(self._take(min(max_prompts, self.admission_room())))
-        lease = Lease(self.next_lease_id, actor_id, {it.prompt_id: it.n for it in leased},
+        lease = Lease(self._new_lease_id(), actor_id, {it.prompt_id: it.n for it in leased},
                       now + self.cfg.buffer.lease_timeout_s, self.policy_version)
-        self.next_lease_id += 1
         self.leases[lease.lease_id] = lease
         self.counters.leases_granted += 1
         self.counters.prompts_leased += len(leased)
@@ -288,9 +331,26 @@ class BufferState:
         self.counters.groups_served += n_groups
         return Batch(groups=served, policy_version=self.policy_version, dropped_stale=dropped)
 
+    def _new_lease_id(self) -> int:
+        if self.next_lease_id >= LEASE_SEQ_LIMIT:  # 2**31 leases in one life: continue in a fresh incarnation
+            self.incarnation += 1
+            self.next_lease_id = 1
+        lease_id = self.incarnation * LEASE_SEQ_LIMIT + self.next_lease_id
+        self.next_lease_id += 1
+        return lease_id
+
     def report_version(self, version: int, rollback: bool = False) -> None:
         """A learner resumed from an older checkpoint reports with rollback=True: queued groups sampled by the
-        discarded newer weights can no longer be importance-corrected and are dropped (counted)."""
+        discarded newer weights can no longer be importance-corrected and are dropped (counted). A forward step
+        larger than buffer.max_version_jump is refused (a stray or broken report would otherwise drop every queued
+        group as stale and open admission for work nobody will train on)."""
+        if not 0 <= version <= INT32_MAX:
+            raise Rejection("bad_request", f"version: must be in [0, {INT32_MAX}], got {version}")
+        jump = version - self.policy_version
+        if jump > self.cfg.buffer.max_version_jump:
+            raise Rejection("version_jump",
+                            f"version: {version} is {jump} ahead of the buffer's policy_version "
+                            f"{self.policy_version}; buffer.max_version_jump allows {self.cfg.buffer.max_version_jump}")
         if version < self.policy_version and not rollback:
             raise Rejection("version_regression",
                             f"version: {version} is older than the buffer's policy_version {self.policy_version}")
@@ -460,12 +520,61 @@ class BufferState:
         self.counters.groups_received += 1
         self.counters.samples_received += len(group.samples)
         rewards = [s.reward for s in group.samples]
-        if self.cfg.algo.drop_zero_variance_groups and max(rewards) == min(rewards):
+        zero_variance = max(rewards) == min(rewards)
+        self._track_yield(not zero_variance, len(group.samples), zero_variance and all(s.correct for s in group.samples))
+        if self.cfg.algo.drop_zero_variance_groups and zero_variance:
             self.counters.groups_zero_variance += 1
             return SubmitAck(accepted=True, queued=False, note="zero_variance")
         self.queue.append(QueuedGroup(group, self.next_arrival, min_version))
         self.next_arrival += 1
         return SubmitAck(accepted=True, queued=True)
+
+    # ------------------------------------------------------------------------------------------- yield
+
+    def _track_yield(self, informative: bool, samples: int, all_correct: bool) -> None:
+        """Slide the yield window by one group (running sums, O(1)); warn on entering a low-yield episode."""
+        entry = (int(informative), samples, int(all_correct))
+        self._add_to_yield(entry, +1)
+        self.yield_window.append(entry)
+        if len(self.yield_window) > self.cfg.buffer.yield_window_groups:
+            self._add_to_yield(self.yield_window.popleft(), -1)
+        warning = self._low_yield_sentence()
+        if warning and not self.low_yield_warning:
+            log.warning("low informative yield: %s", warning)
+        elif self.low_yield_warning and not warning:
+            log.info("yield recovered: %.0f%% of recent groups have reward variance", 100 * self.informative_yield())
+        self.low_yield_warning = warning
+
+    def _add_to_yield(self, entry: tuple[int, int, int], sign: int) -> None:
+        informative, samples, all_correct = entry
+        sums = self._yield_sums
+        sums[0] += sign * informative
+        sums[1] += sign * samples
+        sums[2] += sign * samples * informative
+        sums[3] += sign * all_correct
+
+    def informative_yield(self) -> float:
+        """Groups with reward variance / generated groups, over the window (0 before the first group)."""
+        return self._yield_sums[0] / len(self.yield_window) if self.yield_window else 0.0
+
+    def informative_sample_yield(self) -> float:
+        """Samples in groups with reward variance / generated samples, over the window."""
+        return self._yield_sums[2] / self._yield_sums[1] if self._yield_sums[1] else 0.0
+
+    def _low_yield_sentence(self) -> str:
+        window = len(self.yield_window)
+        y = self.informative_yield()
+        if window < self.cfg.buffer.yield_window_groups or y >= self.cfg.buffer.low_yield_threshold:
+            return ""
+        flat = window - self._yield_sums[0]
+        start = f"only {y:.1%} of the last {window} groups have any reward variance, so most generation teaches nothing"
+        if self._yield_sums[3] * 2 >= flat:
+            return (f"{start}: {self._yield_sums[3] / window:.0%} of groups are all correct, the prompts are too easy "
+                    "for the model; use harder prompts or a larger task, or lower algo.mastery so solved prompts get "
+                    "fewer rollouts.")
+        return (f"{start}: {(flat - self._yield_sums[3]) / window:.0%} of groups are all wrong, the prompts are too "
+                "hard for the model; use easier prompts, more response tokens (actor.max_new_tokens) or more "
+                "rollouts per prompt (algo.n_max).")
 
     def _update_stats(self, group: Group) -> None:
         s = self.stats.get(group.prompt_id)
@@ -505,10 +614,20 @@ class BufferState:
             pending=len(self.pending),
             admission_room=self.admission_room(),
             prompts=len(self.prompts),
-            clients={role: len(ids) for role, ids in self.clients.items()},
+            clients=self._client_counts(),
             uptime_s=max(0.0, now - self.started_at),
+            informative_yield=self.informative_yield(),
+            informative_sample_yield=self.informative_sample_yield(),
+            low_yield_warning=self.low_yield_warning,
+            incarnation=self.incarnation,
         )
         return out
+
+    def _client_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for role, _ in self.clients:
+            _bump(counts, role)
+        return counts
 
     def prompt_rows(self, top: int = 0) -> list[dict[str, Any]]:
         """Per-prompt table sorted by priority (highest first), then id."""
@@ -558,15 +677,20 @@ class BufferState:
             policy_version=self.policy_version, epoch=self.epoch, epoch_order=list(self.epoch_order),
             epoch_pos=self.epoch_pos, pending=in_flight + list(self.pending), stats=dict(self.stats),
             epoch_stats=dict(self.epoch_stats), counters=self.counters, queue=list(self.queue), retired=retired,
-            next_lease_id=self.next_lease_id, next_arrival=self.next_arrival,
+            next_lease_id=self.next_lease_id, next_arrival=self.next_arrival, incarnation=self.incarnation,
         )
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot, cfg: Config | None = None,
                       prompts: Iterable[PromptRecord] | None = None, *, now: float = 0.0) -> "BufferState":
-        """Restore; `cfg`/`prompts` default to the snapshot's own (read-only inspection of a finished run)."""
+        """Restore; `cfg`/`prompts` default to the snapshot's own (read-only inspection of a finished run).
+
+        The restored state is a new incarnation: its lease ids differ from every id the snapshot's buffer (or any
+        earlier restore of it that was persisted) could have handed out."""
         if snap.format != SNAPSHOT_FORMAT:
-            raise ValueError(f"snapshot: format {snap.format} is not supported (expected {SNAPSHOT_FORMAT})")
+            raise SnapshotError(f"snapshot: format {snap.format} is not supported (expected {SNAPSHOT_FORMAT})")
+        if not 1 <= snap.incarnation < MAX_INCARNATION:
+            raise SnapshotError(f"snapshot: incarnation {snap.incarnation} is out of range")
         cfg = cfg or config_from_dict(json.loads(snap.config_json))
         if prompts is None:
             prompts = [PromptRecord(pid, "", "") for pid in snap.stats]
@@ -582,7 +706,8 @@ class BufferState:
         state.counters = snap.counters
         state.queue = deque(snap.queue)
         state.retired = OrderedDict(snap.retired)
-        state.next_lease_id = snap.next_lease_id
+        state.incarnation = snap.incarnation + 1
+        state.next_lease_id = 1
         state.next_arrival = snap.next_arrival
         return state
 
@@ -623,15 +748,39 @@ _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
 
 
+def _snapshot_digest(fmt: int, payload: bytes) -> bytes:
+    return hashlib.sha256(struct.pack("<IQ", fmt, len(payload)) + payload).digest()
+
+
 def encode_snapshot(snap: Snapshot) -> bytes:
-    return _snapshot_encoder.encode(snap)
+    """Header (magic, format, length, SHA-256) + MessagePack payload."""
+    payload = _snapshot_encoder.encode(snap)
+    header = _SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_FORMAT, len(payload),
+                                   _snapshot_digest(SNAPSHOT_FORMAT, payload))
+    return header + payload
 
 
-def decode_snapshot(data: bytes) -> Snapshot:
+def decode_snapshot(data: bytes, source: str = "snapshot") -> Snapshot:
+    """Check the header and checksum, then decode; SnapshotError naming `source` (the file) on any mismatch."""
+    if len(data) < _SNAPSHOT_HEADER.size:
+        raise SnapshotError(f"{source}: {len(data)} bytes is too short to be a buffer snapshot")
+    magic, fmt, length, digest = _SNAPSHOT_HEADER.unpack_from(data)
+    if magic != SNAPSHOT_MAGIC:
+        raise SnapshotError(f"{source}: not a buffer snapshot of this version (no snapshot header)")
+    if fmt != SNAPSHOT_FORMAT:
+        raise SnapshotError(f"{source}: snapshot format {fmt} is not supported (expected {SNAPSHOT_FORMAT})")
+    payload = memoryview(data)[_SNAPSHOT_HEADER.size:]
+    if len(payload) != length:
+        raise SnapshotError(f"{source}: payload is {len(payload)} bytes, the header says {length} (truncated file)")
+    if _snapshot_digest(fmt, bytes(payload)) != digest:
+        raise SnapshotError(f"{source}: checksum mismatch, the file is corrupt")
     try:
-        return _snapshot_decoder.decode(data)
+        snap = _snapshot_decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ValueError(f"snapshot: cannot be decoded ({exc})") from None
+        raise SnapshotError(f"{source}: cannot be decoded ({exc})") from None
+    if snap.format != fmt:
+        raise SnapshotError(f"{source}: payload format {snap.format} differs from the header's {fmt}")
+    return snap
 
 
 def _max_version(group: Group) -> int:

@@ -212,6 +212,19 @@ class BufferConfig:
     """For clients (actors, learner, supervisor) of a CURVE buffer: the server's public key file."""
     curve_client_secret_key_file: str = ""
     """For clients of a CURVE buffer: this client's secret key file (from `python -m buffer.keys`)."""
+    insecure: bool = False
+    """Allow binding a non-loopback address without CURVE (anyone who can reach the port can then lease, submit
+    and read the run). run_async.py generates CURVE keys into the run directory for such addresses instead."""
+    max_version_jump: int = 256
+    """Largest forward step of the policy version one report may make (a learner reports every step; a learner
+    ahead of a buffer restored from an older snapshot reports the difference at once); larger reports are refused."""
+    max_clients: int = 4096
+    """Clients remembered, each for its registration and for its replay entry (the last lease/fetch answer); the
+    least recently seen is forgotten beyond it (counted as clients_evicted / replay_evictions)."""
+    yield_window_groups: int = 256
+    """Recent generated groups over which the informative yield (groups with reward variance) is measured."""
+    low_yield_threshold: float = 0.1
+    """Informative yield below which, over a full window, the buffer warns (stats low_yield_warning, and the log)."""
 
     def __post_init__(self) -> None:
         _check(self.address.startswith(("tcp://", "ipc://", "inproc://")), "buffer.address",
@@ -223,6 +236,11 @@ class BufferConfig:
         _check(self.snapshot_interval_s > 0, "buffer.snapshot_interval_s", "must be > 0")
         _check(bool(self.curve_server_public_key_file) == bool(self.curve_client_secret_key_file),
                "buffer.curve_client_secret_key_file", "CURVE clients need both the server public key and a secret")
+        _check(self.max_version_jump >= 1, "buffer.max_version_jump", "must be >= 1")
+        _check(self.max_clients >= 1, "buffer.max_clients", "must be >= 1")
+        _check(self.yield_window_groups >= 1, "buffer.yield_window_groups", "must be >= 1")
+        _check(0.0 <= self.low_yield_threshold <= 1.0, "buffer.low_yield_threshold",
+               f"must be in [0, 1], got {self.low_yield_threshold}")
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,26 @@ Request -> reply pairs (the buffer answers every request with exactly one reply 
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 import numpy as np
 
 SCHEMA_VERSION = 1
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+MAX_ID_CHARS = 256
+"""Longest client, role or prompt id accepted (ids are kept in memory per client and per prompt)."""
+
+# Every integer that arrives from outside is range-checked at decode time, so no handler and no reply ever sees a
+# value the protocol cannot carry back. Policy versions travel as int32 in every token's version array.
+Version = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+Count = Annotated[int, msgspec.Meta(ge=-INT32_MAX, le=INT32_MAX)]
+"""A size or count: handlers check the exact bounds and name them; this only keeps it to 32 bits."""
+Id64 = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+"""Lease ids and request ids: non-negative int64."""
+Name = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
 
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
@@ -54,7 +68,7 @@ class Sample(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tokens: bytes
     logprobs: bytes
     versions: bytes
-    n_tokens: int
+    n_tokens: Count
     reward: float
     correct: bool
     finish_reason: str
@@ -73,7 +87,7 @@ class Sample(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Group(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """All responses to one prompt from one lease. `prompt_tokens` is int32 little-endian bytes."""
 
-    prompt_id: str
+    prompt_id: Name
     prompt_tokens: bytes
     samples: list[Sample]
 
@@ -103,14 +117,16 @@ class ServedGroup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Register(_Msg, tag="register"):
-    role: str
-    client_id: str
+    role: Name
+    client_id: Name
+    secret: str = ""
+    """The run's secret (run.secret); required to register as the `learner` when the buffer has one."""
 
 
 class LeaseRequest(_Msg, tag="lease"):
-    actor_id: str
-    max_prompts: int
-    request_id: int = 0
+    actor_id: Name
+    max_prompts: Count
+    request_id: Id64 = 0
     """Non-zero: a retry with the same (actor_id, request_id) gets the same grant back instead of a second lease."""
     wait_s: float = 0.0
     """Long poll: while admission control or back-pressure would give no work, the buffer holds the request up to
@@ -118,19 +134,19 @@ class LeaseRequest(_Msg, tag="lease"):
 
 
 class Submit(_Msg, tag="submit"):
-    lease_id: int
+    lease_id: Id64
     group: Group
 
 
 class Release(_Msg, tag="release"):
-    lease_id: int
-    prompt_ids: list[str]
+    lease_id: Id64
+    prompt_ids: list[Name]
 
 
 class Fetch(_Msg, tag="fetch"):
-    learner_id: str
-    n_groups: int
-    request_id: int = 0
+    learner_id: Name
+    n_groups: Count
+    request_id: Id64 = 0
     """Non-zero: a retry with the same (learner_id, request_id) gets the same batch back (a lost reply loses nothing)."""
     wait_s: float = 0.0
     """Long poll: while fewer than n_groups are queued, the buffer holds the request up to this long and answers as
@@ -138,9 +154,11 @@ class Fetch(_Msg, tag="fetch"):
 
 
 class ReportVersion(_Msg, tag="version"):
-    version: int
+    version: Version
     rollback: bool = False
     """True when a resumed learner goes back to an older checkpoint's version."""
+    session: str = ""
+    """The learner session from `Registered.session`: only the registered learner may report versions."""
 
 
 class StatsRequest(_Msg, tag="stats"):
@@ -148,8 +166,8 @@ class StatsRequest(_Msg, tag="stats"):
 
 
 class InspectRequest(_Msg, tag="inspect"):
-    what: str = "prompts"
-    top: int = 0
+    what: Name = "prompts"
+    top: Count = 0
 
 
 class SnapshotRequest(_Msg, tag="snapshot"):
@@ -161,6 +179,8 @@ class SnapshotRequest(_Msg, tag="snapshot"):
 
 class Registered(_Msg, tag="registered"):
     policy_version: int
+    session: str = ""
+    """For the learner role: the token its version reports carry (a new registration replaces the old one)."""
 
 
 class LeaseGrant(_Msg, tag="lease_grant"):
