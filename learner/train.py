@@ -231,7 +231,7 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
     from buffer.client import BufferClient
 
     lead = rank == 0
-    client = BufferClient.from_config(cfg.buffer) if lead else None
+    client = BufferClient.from_config(cfg.buffer, secret=cfg.run.secret) if lead else None
     sender = build_sender(cfg, device) if lead else None
     publisher = Publisher(sender, client) if lead else None
     metrics_log = MetricsLogger(run_dir, "learner", cfg.run.wandb_mode, cfg.run.wandb_project,
