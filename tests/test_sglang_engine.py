@@ -1,9 +1,10 @@
-"""SGLangEngine request building and parsing, against a fake HTTP server on 127.0.0.1.
+"""SGLangEngine request building and parsing, against a recording HTTP server on 127.0.0.1.
 
-No GPU or sglang here: these tests check the typed request bodies (field names and types of DESIGN.md's SGLang
-contract), reply parsing, per-token versions, abort resubmission/drop, feature probing of /begin_weight_update,
-and the order of the weight-update session, using a stand-in server that records every request and answers like
-SGLang 0.5.23 would. The `gpu` test at the end runs a real SGLang server where CUDA and sglang are installed.
+No GPU or sglang here: these tests check the typed request bodies (the field names and types of the SGLang HTTP
+contract in docs/ARCHITECTURE.md), reply parsing, per-token versions, abort resubmission/drop, the version probe at
+attach, the order of the weight-update session and its cleanup after a failure, using a stand-in server that
+records every request and answers with sglang 0.5.23's refusal rules. The `gpu` test at the end runs a real SGLang
+server where CUDA and sglang are installed.
 """
 
 import json

@@ -1,35 +1,44 @@
-"""SGLangEngine: the Engine interface over one or more SGLang HTTP servers (GPU clusters), pinned to sglang 0.5.23.
+"""SGLangEngine: the Engine interface over one or more SGLang HTTP servers (GPU clusters), for sglang 0.5.21-0.5.23.
 
-Follows the SGLang contract of DESIGN.md. Every request body is a typed msgspec Struct below, so field names and
-types are fixed in one place and checked by tests/test_sglang_engine.py:
+The HTTP contract is the one docs/ARCHITECTURE.md (SGLang HTTP contract) states. Every request body is a typed
+msgspec Struct below, so field names and types are fixed in one place and checked by tests/test_sglang_engine.py:
+- attach (`attach`, at launch or attach): `GET /server_info` (`/get_server_info` before it) must report a version in
+  SUPPORTED_SGLANG, else SGLangError names the version and the supported range. A session or pause a previous
+  driver left (it died inside an update) is undone: `/end_weight_update` (a 400 "no ... session is open" is fine),
+  `/continue_generation`; then `GET /health_generate` until 200.
 - generation: `POST /generate` with `input_ids` (a batch of sequences), per-sequence `sampling_params` holding only
-  known keys (temperature, top_p, max_new_tokens, stop_token_ids, sampling_seed when a seed is fixed — SGLang
-  >= 0.5.22 rejects unknown keys with HTTP 400), `return_logprob`, `logprob_start_len = -1`. The reply gives
-  `output_ids`, `meta_info.output_token_logprobs` ([logprob, token_id, text|null] per output token; temperature
-  scaled, not renormalised after top-p: the same quantity HFEngine returns), `meta_info.finish_reason.type` and
-  `meta_info.weight_version` (string) / `weight_versions` (0.5.20+). Aborted requests (finish reason "abort", e.g.
+  known keys (temperature, top_p, max_new_tokens, stop_token_ids, sampling_seed when a seed is fixed),
+  `return_logprob`, `logprob_start_len = -1`. The reply gives `output_ids`, `meta_info.output_token_logprobs`
+  ([logprob, token_id, text|null] per output token: log_softmax(logits / T) of the full vocabulary, before top-p —
+  which is why common/config.py refuses engine sglang with top_p < 1), `meta_info.finish_reason.type` and
+  `meta_info.weight_version` (string) / `weight_versions`. sglang honours `sampling_seed` only when the server runs
+  with `--enable-deterministic-inference` (srt/sampling/sampling_batch_info.py builds the seed tensor only then), so
+  a fixed seed does not make an SGLang sample reproducible otherwise. Aborted requests (finish reason "abort", e.g.
   by a pause in abort mode) are resubmitted or dropped (`actor.abort_policy`); a partial answer is never scored.
 - per-token versions: from `weight_versions` when the server sends it (per-token list, or spans
   [version, start, end)); otherwise every token gets the version the weights had when the request was sent if the
   version changed while it ran (the conservative, older label), else `weight_version`.
-- weight updates (`update_from_announcement`, driven by the learner's WeightAnnouncement on the control channel):
-  an invitation (no buckets) makes every server join the group with `POST /init_weights_update_group` at rank
-  offset 1 + Σ tp_size of the engines before it (an old group is destroyed first with
-  `/destroy_weights_update_group`); a data announcement runs `/pause_generation` {mode} -> `/begin_weight_update`
-  (0.5.21+, probed once; a 404 switches it off) -> per bucket `/update_weights_from_distributed` {names, dtypes,
-  shapes, group_name, flush_cache: false, weight_version} sent to all servers at once (the learner broadcasts
-  meanwhile) and collected -> `/end_weight_update` -> `GET /flush_cache` (not in in_place mode) ->
-  `/continue_generation`. Every server gets the same requests in the same order, or the collective hangs.
+- weight updates (`update_from_announcement(ann) -> metrics`, driven by the learner's WeightAnnouncement): an
+  invitation (no buckets) makes every server join the group with `POST /init_weights_update_group` at rank
+  offset 1 + Σ tp_size of the engines before it, backend NCCL when the learner's weights are on a GPU and gloo
+  otherwise (an old group is destroyed first with `/destroy_weights_update_group`); a data announcement, for any
+  version (a re-sent one equal to the current version too), runs `/pause_generation` {mode} ->
+  `/begin_weight_update` -> per bucket `/update_weights_from_distributed` {names, dtypes, shapes, group_name,
+  flush_cache: false, weight_version} sent to all servers at once (the learner broadcasts meanwhile) and collected
+  -> `/end_weight_update` -> `GET /flush_cache` (not in in_place mode) -> `/continue_generation`. Every server gets
+  the same requests in the same order, or the collective hangs. A session this engine opened is always ended, also
+  when a bucket failed (sglang refuses a second begin while one is open, so one failure would wedge the server),
+  and a server found mid-session is ended and begun again. Any failure raises SGLangError after that cleanup.
 - health: `GET /health_generate`, never while paused (SGLang answers 503 then).
 - servers: attached by URL (`actor.sglang_urls`) or launched with `python -m sglang.launch_server` and the
   RL-relevant flags (`--skip-tokenizer-init`: token ids in and out; fixed `--random-seed`; tp size; dtype).
 
 HTTP goes through `requests` when installed, else urllib (no extra dependency).
 
-What was run: only the request building/parsing, feature probing, abort handling and the update sequence, against
-a fake HTTP server on 127.0.0.1 (tests/test_sglang_engine.py). No GPU or sglang was available where this was
-written, so nothing here has run against a real SGLang server; the `gpu` test in that file does so where sglang
-and CUDA are present.
+What was run: request building/parsing, probing and the update sequence against a recording HTTP server
+(tests/test_sglang_engine.py), and whole runs attached to sglang test doubles that receive weights over a real gloo
+group (tests/sglang_double.py, tests/test_sglang_e2e.py). A real sglang server on a GPU is run only by the `gpu`
+test in tests/test_sglang_engine.py, where sglang and CUDA are present.
 """
 
 from __future__ import annotations
@@ -336,6 +345,14 @@ def launch_server(model_path: str, *, port: int, tp_size: int, dtype: str, seed:
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def sync_backend(cfg: Any) -> str:
+    """The weight group's backend as the learner picks it for the per_tensor layout: NCCL when the learner's weights
+    live on a GPU, gloo otherwise (learner.weight_sync.transport_device); `auto` resolves on this host."""
+    from common.models import resolve_device
+
+    return "nccl" if resolve_device(cfg.learner.device).startswith("cuda") else "gloo"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -394,7 +411,8 @@ class SGLangEngine:
         # consecutively with one tp size, so the first offset fixes them all.
         engine = cls(servers, pause_mode=actor.sglang_pause_mode, abort_policy=actor.abort_policy,
                      rank_offset=slots[0].rank_offset, tp_size=actor.sglang_tp_size,
-                     sync_address=cfg.learner.sync_address, update_timeout_s=cfg.learner.sync_timeout_s + 30.0)
+                     sync_address=cfg.learner.sync_address, backend=sync_backend(cfg),
+                     update_timeout_s=cfg.learner.sync_timeout_s + 30.0)
         engine.attach(timeout_s=900.0)
         return engine
 
