@@ -89,9 +89,13 @@ def summary_table(stats: dict[str, Any], rates: dict[str, float] | None = None) 
         ("leases released", stats["leases_released"], "lease waits", json.dumps(stats["lease_waits"])),
         ("received groups/s", f"{recv_rate:.1f}", "served groups/s", f"{serve_rate:.1f}"),
         ("prompts", stats["prompts"], "clients", json.dumps(stats.get("clients", {}))),
+        ("informative yield", _fmt(stats.get("informative_yield")), "snapshot failures",
+         stats.get("snapshot_failures", 0)),
     ]
     for row in rows:
         main.add_row(*(str(x) for x in row))
+    if stats.get("low_yield_warning"):
+        main.caption = f"[bold yellow]{stats['low_yield_warning']}[/]"
     hist = Table(title="staleness of served groups")
     hist.add_column("staleness", justify="right")
     hist.add_column("groups", justify="right")

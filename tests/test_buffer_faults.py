@@ -337,3 +337,21 @@ def test_informative_yield_and_low_yield_warning(caplog):
         submit([False, True])  # 2 of 4 = 0.5 >= 0.3: fine again
         assert state.stats_dict(0.0)["low_yield_warning"] == ""
 
+
+
+@pytest.mark.unit
+def test_inspect_summary_shows_the_low_yield_warning():
+    from rich.console import Console
+
+    from buffer.inspect import summary_table
+
+    cfg = make_cfg(algo={"max_staleness": 10**6}, buffer={"yield_window_groups": 2, "low_yield_threshold": 0.5})
+    state = BufferState(cfg, make_prompts(8))
+    for _ in range(2):
+        grant = state.lease("a0", 1, now=0.0)
+        state.submit(grant.lease_id, make_group(grant.items[0].prompt_id, [False, False]), now=0.0)
+    console = Console(record=True, width=400)
+    console.print(summary_table(state.stats_dict(0.0)))
+    text = console.export_text()
+    # 0 of 2 groups informative, both all wrong: the "too hard" sentence.
+    assert "informative yield" in text and "0.000" in text and "too hard" in text
