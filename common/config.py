@@ -348,6 +348,11 @@ class LearnerConfig:
     """A receiver that does not finish a broadcast within this time is dropped from the group."""
     fetch_timeout_s: float = 600.0
     """Longest wait for a batch before the learner reports the buffer as stuck."""
+    loss_chunk_tokens: int = 0
+    """Response positions per chunk of the loss head (learner/loss_head.py): the LM head projection, log-probs,
+    entropy and E_pi[pi * Lambda] are computed this many tokens at a time and recomputed in backward, so the
+    head's extra memory is O(chunk x vocabulary) instead of O(micro-batch tokens x vocabulary); 1024 suits
+    large vocabularies. 0: project the whole micro-batch at once (the [B, R, V] logits are materialised)."""
 
     def __post_init__(self) -> None:
         _check(self.groups_per_step >= 1, "learner.groups_per_step", "must be >= 1")
@@ -397,6 +402,8 @@ class RunConfig:
     read it from that file. Anyone who can read config.json can act as a role of this run."""
 
     def __post_init__(self) -> None:
+        _check(0 <= self.loss_chunk_tokens <= 2**20, "learner.loss_chunk_tokens",
+               f"must be in [0, 2**20] (0: unchunked), got {self.loss_chunk_tokens}")
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
         _check(self.eval_samples >= 1, "run.eval_samples", "must be >= 1")
         _check("/" not in self.name, "run.name", "must not contain '/'")

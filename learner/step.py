@@ -40,21 +40,30 @@ from common.schemas import Batch
 from learner.advantages import adora_weights, group_advantages, zero_variance_mask
 from learner.batch import MicroBatch, Rollouts, pack_micro_batches, rollouts_from_batch, split_groups
 from learner.loss import LOG_RATIO_CLAMP, policy_loss
+from learner.loss_head import head_token_outputs
 from learner.modulation import ScopeStats, config_scope_stats, merge_scope_stats, modulate_advantages, \
     token_logprob_entropy
 
 
 class ResponseLogits(nn.Module):
-    """Wraps a HF causal LM: logits only at the positions that predict response tokens ([B, R, V])."""
+    """Wraps a HF causal LM: logits only at the positions that predict response tokens ([B, R, V]).
 
-    def __init__(self, model: nn.Module):
+    `loss_chunk_tokens` > 0 makes `token_outputs` feed the response hidden states to the chunked loss head
+    (learner/loss_head.py) instead of materialising these logits.
+    """
+
+    def __init__(self, model: nn.Module, loss_chunk_tokens: int = 0):
         super().__init__()
         self.model = model
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def response_hidden(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor) -> Tensor:
+        """The LM head's input [B, R, H]: HF base models (LlamaModel, Qwen2Model) apply the final norm."""
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden.gather(1, logit_index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor) -> Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        picked = hidden.gather(1, logit_index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
-        return self.model.get_output_embeddings()(picked)  # [B, R, V]
+        return self.model.get_output_embeddings()(self.response_hidden(input_ids, attention_mask, logit_index))
 
 
 @dataclass
@@ -74,12 +83,17 @@ def build_state(model: nn.Module, cfg: LearnerConfig) -> LearnerState:
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
-    return LearnerState(model=model, policy=ResponseLogits(model), optimizer=optimizer, scheduler=scheduler)
+    return LearnerState(model=model, policy=ResponseLogits(model, cfg.loss_chunk_tokens), optimizer=optimizer,
+                        scheduler=scheduler)
 
 
-def token_outputs(policy: nn.Module, mb: MicroBatch, temperature: float,
+def token_outputs(policy: ResponseLogits, mb: MicroBatch, temperature: float,
                   entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(log pi(target) with grad, entropy, E_pi[pi Lambda]), each [B, R], at the sampling temperature."""
+    if policy.loss_chunk_tokens > 0:
+        hidden = policy.response_hidden(mb.input_ids, mb.attention_mask, mb.logit_index)  # [B, R, H]
+        return head_token_outputs(hidden, policy.model.get_output_embeddings(), mb.targets, temperature=temperature,
+                                  chunk_tokens=policy.loss_chunk_tokens, entropy_grad=entropy_grad)
     logits = policy(mb.input_ids, mb.attention_mask, mb.logit_index) / temperature  # [B, R, V]
     return token_logprob_entropy(logits, mb.targets, entropy_grad=entropy_grad)
 
@@ -178,6 +192,10 @@ def minibatch_scope_stats(policy: nn.Module, micro_batches: list[MicroBatch], cf
         prox = mb.prox_logp if mb.prox_logp is not None else logp
         adv = mb.adv[:, None].expand_as(logp)
         parts.append(config_scope_stats(adv, _ratio(logp, prox), logp, entropy, expect, mb.mask, cfg.algo))
+    if not parts:  # a rank with no micro-batch of this mini-batch still joins the reductions below
+        device = next(policy.parameters()).device
+        inf = torch.tensor(math.inf, device=device)
+        parts.append(ScopeStats(entropy_max=-inf, entropy_min=inf.clone(), xi_max=-inf))
     stats = merge_scope_stats(parts)
     if _world()[1] > 1:
         for value, op in ((stats.entropy_max, dist.ReduceOp.MAX), (stats.entropy_min, dist.ReduceOp.MIN),
