@@ -4,12 +4,14 @@
     python run_async.py --preset tiny                # random tiny model, < 2 minutes
     python run_async.py --algo.max-staleness 0       # synchronous on-policy baseline
     python run_async.py --resume runs/<name>         # continue a stopped run
+    python run_async.py --quiet                      # print only the final summary
     python run_async.py --help                       # every knob
 
 The story: resolve the config → write it into runs/<name>/ → start the buffer and wait until it answers → start
-the learner and the actors (each a plain `python -m ...` child with its own log) → watch them, printing one
-progress line per refresh, restarting dead actors → when the learner finishes (or on Ctrl-C) shut down in order:
-learner (checkpoint), actors, buffer (snapshot) → print held-out accuracy at start and end.
+the learner and the actors (each a plain `python -m ...` child with its own log) → watch them, showing a live
+status in a terminal (one progress line per refresh in a log file), restarting dead actors → when the learner
+finishes (or on Ctrl-C) shut down in order: learner (checkpoint), actors, buffer (snapshot) → draw
+runs/<name>/report.png → print held-out accuracy at start and end.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from common.config import Config, ConfigError, parse_cli, save_config, with_overrides
-
-REFRESH_S = 5.0
 
 
 def resolve_config(argv: Sequence[str]) -> Config:
@@ -78,27 +78,46 @@ def _preset_name() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = resolve_config(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    quiet = "--quiet" in args
+    cfg = resolve_config([a for a in args if a != "--quiet"])
     cfg, run_dir = prepare_run_dir(cfg)
-    from common.progress import ProgressPrinter, final_report
+    from common.progress import ProgressDisplay, final_report
     from common.supervisor import RoleFailed, Supervisor
 
-    printer = ProgressPrinter(run_dir, cfg)
-    printer.console.print(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})")
     supervisor = Supervisor(cfg, run_dir)
+    display = ProgressDisplay(run_dir, cfg, quiet=quiet,
+                              actors_alive=lambda: sum(a.returncode() is None for a in supervisor.actors))
+    display.note(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})")
     stop_requested = _install_signal_handlers()
     outcome = "failed"
+    display.start()
     try:
         supervisor.start_buffer()
         supervisor.start_learner()
         supervisor.start_actors()
-        outcome = supervisor.watch(stop_requested, on_tick=printer.tick, refresh_s=REFRESH_S)
-        printer.tick(supervisor.buffer_stats())
+        outcome = supervisor.watch(stop_requested, on_tick=display.tick, refresh_s=display.refresh_s)
+        display.tick(supervisor.buffer_stats())
     except RoleFailed as exc:
-        printer.console.print(f"[bold red]run stopped:[/] {exc}")
+        display.console.print(f"[bold red]run stopped:[/] {exc}")
     finally:
+        display.shutting_down()
         supervisor.shutdown()
-    return final_report(run_dir, cfg, outcome, printer.console)
+        display.stop()
+    report = write_run_report(run_dir, display.console)
+    return final_report(run_dir, cfg, outcome, display.console, report)
+
+
+def write_run_report(run_dir: Path, console: Any) -> Path | None:
+    """Draw runs/<name>/report.png. A failed drawing is reported and does not change the run's exit status: the
+    run's data is already on disk and `python -m common.report <run_dir>` can draw it again."""
+    from common.report import write_report
+
+    try:
+        return write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - any plotting failure; the message is shown, the run result stands
+        console.print(f"[yellow]report.png not written:[/] {type(exc).__name__}: {exc}")
+        return None
 
 
 def _install_signal_handlers() -> list[bool]:
