@@ -521,7 +521,8 @@ class BufferState:
         self.counters.samples_received += len(group.samples)
         rewards = [s.reward for s in group.samples]
         zero_variance = max(rewards) == min(rewards)
-        self._track_yield(not zero_variance, len(group.samples), zero_variance and all(s.correct for s in group.samples))
+        all_correct = zero_variance and all(s.correct for s in group.samples)
+        self._track_yield(not zero_variance, len(group.samples), all_correct)
         if self.cfg.algo.drop_zero_variance_groups and zero_variance:
             self.counters.groups_zero_variance += 1
             return SubmitAck(accepted=True, queued=False, note="zero_variance")

@@ -24,7 +24,8 @@ from typing import Annotated, Any, Union
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: learner sessions (Register.secret, Registered.session, ReportVersion.session) and range-checked integers."""
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1

@@ -21,8 +21,8 @@ import pytest
 import zmq
 
 from buffer.client import BufferClient
-from common.schemas import (LOGPROB_DTYPE, Error, Fetch, InspectRequest, LeaseRequest, Register, Release,
-                            ReportVersion, StatsRequest, Submit, decode_message, encode_message)
+from common.schemas import (LOGPROB_DTYPE, SCHEMA_VERSION, Error, Fetch, InspectRequest, LeaseRequest, Register,
+                            Release, ReportVersion, StatsRequest, Submit, decode_message, encode_message)
 from test_buffer_process import mixed_group, server_process
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ pack = msgspec.msgpack.encode
 
 
 def _req(**fields) -> bytes:
-    return pack({"schema": 1, **fields})
+    return pack({"schema": SCHEMA_VERSION, **fields})
 
 
 def wire_corpus(good_submit: bytes) -> list[tuple[str, list[bytes], str]]:
@@ -55,7 +55,7 @@ def wire_corpus(good_submit: bytes) -> list[tuple[str, list[bytes], str]]:
         ("reserved msgpack byte", [b"", b"\xc1"], "malformed"),
         ("msgpack scalar", [b"", pack(42)], "invalid"),
         ("msgpack list", [b"", pack([1, 2, 3])], "invalid"),
-        ("no type tag", [b"", pack({"schema": 1})], "invalid"),
+        ("no type tag", [b"", pack({"schema": SCHEMA_VERSION})], "invalid"),
         ("unknown tag", [b"", _req(type="hello")], "invalid"),
         ("integer tag", [b"", _req(type=7)], "invalid"),
         ("reply tag as request", [b"", _req(type="ack", note="")], "invalid"),
@@ -64,7 +64,9 @@ def wire_corpus(good_submit: bytes) -> list[tuple[str, list[bytes], str]]:
         ("wrong type: max_prompts str", [b"", _req(type="lease", actor_id="a", max_prompts="8")], "invalid"),
         ("wrong type: rollback str", [b"", _req(type="version", version=1, rollback="yes")], "invalid"),
         ("wrong type: group list", [b"", _req(type="submit", lease_id=1, group=[])], "invalid"),
-        ("schema 2", [b"", pack({"type": "stats", "schema": 2})], "schema_version"),
+        ("schema from the future", [b"", pack({"type": "stats", "schema": SCHEMA_VERSION + 1})],
+         "schema_version"),
+        ("schema 1", [b"", pack({"type": "stats", "schema": 1})], "schema_version"),
         ("schema u64 max", [b"", pack({"type": "stats", "schema": u64})], "schema_version"),
         ("version int64 max", [b"", _req(type="version", version=i64)], "invalid"),
         ("version int64 min, rollback", [b"", _req(type="version", version=-i64 - 1, rollback=True)], "invalid"),
@@ -77,7 +79,7 @@ def wire_corpus(good_submit: bytes) -> list[tuple[str, list[bytes], str]]:
         ("request_id -5", [b"", _req(type="fetch", learner_id="l", n_groups=1, request_id=-5)], "invalid"),
         ("inspect top 2**62", [b"", _req(type="inspect", what="prompts", top=2**62)], "invalid"),
         ("client id 60 kB", [b"", _req(type="register", role="actor", client_id="x" * 60_000)], "invalid"),
-        ("invalid utf-8 string", [b"", b"\x83\xa4type\xa8register\xa6schema\x01\xa4role\xa2\xff\xfe"],
+        ("invalid utf-8 string", [b"", b"\x83\xa4type\xa8register\xa6schema\x02\xa4role\xa2\xff\xfe"],
          "malformed"),
     ]
     for cut in sorted(set(range(1, len(good_submit), max(1, len(good_submit) // 40)))):

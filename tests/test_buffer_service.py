@@ -365,4 +365,6 @@ def test_metrics_jsonl_gets_buffer_records(tmp_path: Path):
     assert final["buffer/groups_received"] == 3 and final["buffer/groups_served"] == 2
     assert final["buffer/queue_depth"] == 1 and final["buffer/staleness/mean"] == 0
     assert final["allocation/n/mean"] == 2
+    # The 3 groups each have one correct and one wrong answer: all informative, 6 of 6 samples.
+    assert final["buffer/informative_yield"] == 1.0 and final["buffer/informative_sample_yield"] == 1.0
     assert (tmp_path / "snap.msgpack").exists()
