@@ -42,7 +42,8 @@ What it copies from sglang 0.5.23 (paths under the wheel's sglang/ directory):
 The double's own knobs, for fault tests: `--fail-updates N` makes the next N update calls fail after receiving
 (as a failed load would), `--update-delay-s S` holds each update call S seconds inside its session before it
 receives, `--version` sets the reported sglang version, and `GET /debug_state` (not an sglang endpoint) reports
-{weight_version, session_open, paused, groups, updates} so a test can see where the server stands.
+{weight_version, session_open, paused, groups, updates,
+begins_refused} so a test can see where the server stands.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class DoubleState:
         self.update_delay_s = update_delay_s
         self.updates = 0
         """Update calls that installed their tensors."""
+        self.begins_refused = 0
+        """/begin_weight_update calls refused because a session was open (a driver that did not end its own)."""
         self.weight_version = "default"
         self._labels = {0: "default"}  # HFEngine's int versions -> the weight_version strings they stand for
         self.scheduler = threading.Lock()
@@ -190,6 +193,7 @@ class DoubleState:
     def begin(self) -> dict:
         with self.scheduler:
             if self.session_open:
+                self.begins_refused += 1
                 raise Refused("a weight-update session is already open; call end_weight_update() first")
             self.session_open = True
         return {"success": True, "message": "Success"}
@@ -267,7 +271,7 @@ class DoubleState:
 
     def debug_state(self) -> dict:
         return {"weight_version": self.weight_version, "session_open": self.session_open, "paused": self.paused,
-                "groups": sorted(self.groups), "updates": self.updates}
+                "groups": sorted(self.groups), "updates": self.updates, "begins_refused": self.begins_refused}
 
     def flush(self) -> bool:
         with self.scheduler:

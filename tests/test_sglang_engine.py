@@ -33,6 +33,7 @@ class FakeSGLang(ThreadingHTTPServer):
         self.has_session, self.abort_left = has_session, abort_first
         self.weight_version, self.health_status = weight_version, health_status
         self.session_open, self.failing_updates, self.version = session_open, failing_updates, version
+        self.groups = set()
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -84,6 +85,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(*self._session_rule())
         elif self.path == "/generate":
             self._reply(200, self.server.generate_reply(body))
+        elif self.path == "/init_weights_update_group":
+            self.server.groups.add(body["group_name"])
+            self._reply(200, {"success": True, "message": "Succeeded to initialize custom process group."})
+        elif self.path == "/destroy_weights_update_group":
+            # model_runner_components/weight_updater.py:146-153: an unknown group answers 400.
+            if body["group_name"] not in self.server.groups:
+                self._reply(400, {"success": False, "message": "The group to be destroyed does not exist."})
+            else:
+                self.server.groups.discard(body["group_name"])
+                self._reply(200, {"success": True, "message": "Succeeded to destroy custom process group."})
         else:
             self._reply(200, {"success": True, "message": "ok"})
 
@@ -314,6 +325,16 @@ def test_a_new_group_destroys_the_old_one_first(servers):
     posts = [(path, body) for _, path, body in server.log]
     assert posts[1] == ("/destroy_weights_update_group", {"group_name": "g_a"})
     assert posts[2][0] == "/init_weights_update_group" and posts[2][1]["group_name"] == "g_b"
+
+
+@pytest.mark.unit
+def test_a_restarted_server_without_the_old_group_joins_the_new_one(servers):
+    server = servers()
+    engine = SGLangEngine([SGLangServer(server.url)])
+    engine.update_from_announcement(_announcement(0, [], name="g_a"))
+    server.groups.clear()  # the server process was replaced on the same URL: it knows no group
+    engine.update_from_announcement(_announcement(0, [], name="g_b"))
+    assert server.groups == {"g_b"}
 
 
 @pytest.mark.unit

@@ -302,6 +302,16 @@ class SGLangServer:
         else:
             logger.warning("sglang %s: ended a weight-update session a previous driver left open", self.url)
 
+    def destroy_group(self, group_name: str) -> None:
+        """POST /destroy_weights_update_group; a server that does not know the group (it was restarted) answers 400
+        "The group to be destroyed does not exist." (model_runner_components/weight_updater.py:146), which is fine."""
+        try:
+            self.post("/destroy_weights_update_group", DestroyWeightsUpdateGroupRequest(group_name=group_name),
+                      allow_404=True)
+        except SGLangError as exc:
+            if exc.status != 400 or "does not exist" not in str(exc):
+                raise
+
     def version(self) -> str:
         """The server's sglang version (`version` of GET /server_info; /get_server_info on older servers)."""
         for path in ("/server_info", "/get_server_info"):
@@ -553,8 +563,7 @@ class SGLangEngine:
     def _join_group(self, ann: Any) -> None:
         def join(index: int, server: SGLangServer) -> None:
             if server.group_name is not None and server.group_name != ann.group_name:
-                server.post("/destroy_weights_update_group", DestroyWeightsUpdateGroupRequest(
-                    group_name=server.group_name), allow_404=True)
+                server.destroy_group(server.group_name)
                 server.group_name = None
             server.post("/init_weights_update_group", InitWeightsUpdateGroupRequest(
                 master_address=self.master_address, master_port=self.master_port,
