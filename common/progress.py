@@ -108,7 +108,10 @@ class RunWatch:
         self.started = clock()
         self.shutting_down = False
         self.learner: dict[str, Any] = {}
+        # Phase and ETA look only at records written since this display started: a resumed run's metrics.jsonl
+        # starts with the stopped run's records, which show as history (step, rewards, evals) and nothing else.
         self.seen_learner = False
+        self.evaluated: set[int] = set()
         self.steps: deque[tuple[float, int]] = deque(maxlen=ETA_STEPS)  # (time, step) of training records
         self.rewards: deque[float] = deque(maxlen=TREND_POINTS)
         self.evals: list[tuple[int, float]] = []
@@ -124,14 +127,18 @@ class RunWatch:
                 self.actor_idle[role] = rec["rollout/idle_fraction"]
 
     def _learner_record(self, rec: dict[str, Any]) -> None:
-        self.seen_learner = True
+        fresh = rec.get("time", 0.0) >= self.started
+        self.seen_learner |= fresh
         self.learner.update({k: v for k, v in rec.items() if v is not None})
         if rec.get("time/step_s") is not None:  # a training step (not the resume broadcast or an eval alone)
-            self.steps.append((rec["time"], rec["step"]))
+            if fresh:
+                self.steps.append((rec["time"], rec["step"]))
             if rec.get("reward/mean") is not None:
                 self.rewards.append(rec["reward/mean"])
         if rec.get("eval/pass@1") is not None:
             self.evals.append((rec["step"], rec["eval/pass@1"]))
+            if fresh:
+                self.evaluated.add(rec["step"])
 
     def update(self, stats: dict[str, Any]) -> RunStatus:
         """Read the records appended since the last call and return the status now."""
@@ -159,14 +166,14 @@ class RunWatch:
             return "shutting down", "learner checkpoint, then actors, then the buffer's snapshot"
         step = self.learner.get("step", 0)
         actors = self._actors_waiting(stats)
+        if step >= self.cfg.learner.total_steps:
+            return "training", "all steps done: final checkpoint"
         if not self.steps:
             if not self.seen_learner and not (stats.get("clients") or {}).get("learner"):
                 return "loading", _join("starting the roles and loading the model", actors)
-            if self._eval_due(step) and step not in {s for s, _ in self.evals}:
+            if self._eval_due(step) and step not in self.evaluated:
                 return "evaluating", _join(f"held-out evaluation at step {step}, before training", actors)
             return "training", _join("waiting for the first batch of groups", actors)
-        if step >= self.cfg.learner.total_steps:
-            return "training", "all steps done: final checkpoint"
         last_time = self.steps[-1][0]
         if self._eval_due(step + 1) and now - last_time > max(EVAL_SILENCE_S, 3 * self._step_interval()):
             return "evaluating", f"held-out evaluation due at step {step + 1}"

@@ -117,16 +117,34 @@ def test_phase_follows_the_roles_from_loading_to_shutdown(tmp_path):
     assert watch.update({}).phase == "shutting down"
 
 
+def test_a_resumed_run_loads_and_evaluates_again_and_its_eta_ignores_the_old_run(tmp_path):
+    # The stopped run reached step 10 (evaluated there) an hour before this display started.
+    _append(tmp_path, *({"role": "learner", "step": s, "time": 400.0 + s, "time/step_s": 0.5, "reward/mean": 0.2}
+                        for s in range(1, 11)), {"role": "learner", "step": 10, "time": 410.5, "eval/pass@1": 0.3})
+    clock = Clock(4000.0)
+    watch = RunWatch(tmp_path, _cfg(), clock=clock)
+    status = watch.update({"clients": {}})
+    assert (status.phase, status.step, status.rewards[-1]) == ("loading", 10, 0.2)  # history shown, learner loading
+    # The resumed learner re-sends its weights (a record without a training step), then re-evaluates step 10.
+    _append(tmp_path, {"role": "learner", "step": 10, "time": 4010.0, "time/sync_s": 0.1})
+    assert watch.update({"clients": {"learner": 1}}).phase == "evaluating"
+    _append(tmp_path, {"role": "learner", "step": 10, "time": 4020.0, "eval/pass@1": 0.3},
+            *({"role": "learner", "step": s, "time": 4020.0 + 2 * (s - 10), "time/step_s": 1.0} for s in (11, 12)))
+    clock.now = 4025.0
+    # Pace from this run only: 1 step per 2 s, 28 steps left -> 56 s (the old run's records would give ~1 h).
+    assert watch.update({"clients": {"learner": 1}}).eta_s == pytest.approx(56.0)
+
+
 def test_silence_before_an_ordinary_step_stays_training(tmp_path):
-    clock = Clock(2000.0)
+    clock = Clock(1900.0)
     watch = RunWatch(tmp_path, _cfg(), clock=clock)
     _append(tmp_path, *({"role": "learner", "step": s, "time": 1990.0 + s, "time/step_s": 0.5} for s in (1, 2)))
     clock.now = 2060.0  # a minute of silence, but step 3 has no evaluation
-    assert watch.update({"clients": {"learner": 1}}).phase == "training"
+    assert (watch.update({"clients": {"learner": 1}}).phase, watch.update({}).detail) == ("training", "")
 
 
 def test_after_the_last_step_no_evaluation_is_expected(tmp_path):
-    clock = Clock(3000.0)
+    clock = Clock(2900.0)
     watch = RunWatch(tmp_path, _cfg(total_steps=10), clock=clock)
     _append(tmp_path, *({"role": "learner", "step": s, "time": 2980.0 + s, "time/step_s": 0.5} for s in (9, 10)))
     clock.now = 3030.0  # the learner checkpoints and exits after step 10; there is no step 11 to evaluate
