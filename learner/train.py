@@ -18,6 +18,7 @@ global rank 0 alone talks to the buffer, broadcasts each batch (msgpack bytes) t
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import signal
@@ -67,15 +68,23 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path, bool]:
 
 
 def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises torch.distributed when launched by torchrun."""
+    """(rank, world size, device); initialises torch.distributed when launched by torchrun.
+
+    Local rank r runs on GPU `learner.gpus[r]` (default r; common/layout.py refuses one an SGLang engine holds).
+    Collectives time out after `learner.dist_timeout_s`: the other ranks wait in `share_batch` while rank 0 fetches
+    and evaluates, and a rank that died must not leave them waiting forever."""
+    from common.layout import cuda_index, learner_gpu
     from common.models import resolve_device
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(resolve_device(cfg.learner.device))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", cuda_index(learner_gpu(cfg, local_rank)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
-            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.learner.dist_timeout_s))
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
 
