@@ -333,77 +333,16 @@ def _build_engine(cfg: Any, index: int, run_dir: Path | None) -> tuple[Any, Any]
     """(engine, weight follower) for cfg.actor.engine; the follower has check/take_latest/wait_for_version/close."""
     if cfg.actor.engine == "sglang":
         from actor.engines.sglang import SGLangEngine
+        from actor.weight_receiver import SGLangFollower
 
         engine = SGLangEngine.from_config(cfg, index, log_dir=str(run_dir) if run_dir else None)
         return engine, SGLangFollower(cfg, engine).start()
     from actor.engines.hf import HFEngine
-    from learner.weight_sync import WeightReceiver
+    from actor.weight_receiver import WeightReceiver
 
     engine = HFEngine.from_config(cfg, seed=cfg.run.seed * 1000 + index)
     receiver = WeightReceiver(cfg.learner, 1 + index, engine.state_dict_template(), engine.device)
     return engine, receiver.start()
-
-
-class SGLangFollower:
-    """Drives an SGLangEngine from the learner's announcements; quacks like a WeightReceiver for the actor loop.
-
-    SGLang installs weights itself, so take_latest/wait_for_version never hand back tensors: they return None and
-    the loop reads engine.policy_version, which update_from_announcement advances.
-    """
-
-    def __init__(self, cfg: Any, engine: Any):
-        self.cfg = cfg
-        self.engine = engine
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._updated = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="sglang-weights", daemon=True)
-
-    def start(self) -> "SGLangFollower":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        from learner.weight_sync import ControlSubscriber, request_rejoin
-
-        subscriber = ControlSubscriber(self.cfg.learner.sync_control_address)
-        rejoin_sent = False
-        try:
-            while not self._stop.is_set():
-                if not rejoin_sent:  # a restarted engine holds no group: have the learner re-invite and re-send
-                    rejoin_sent = request_rejoin(self.cfg.learner, self.engine.rank_offset)
-                ann = subscriber.recv(timeout_s=0.2)
-                if ann is None:
-                    continue
-                if not ann.buckets or ann.version > self.engine.policy_version:
-                    self.engine.update_from_announcement(ann)
-                    if not ann.buckets:
-                        request_rejoin(self.cfg.learner, self.engine.rank_offset, wanted=False)
-                    with self._updated:
-                        self._updated.notify_all()
-        except Exception as exc:  # noqa: BLE001 - re-raised in the actor's main thread by check()
-            self._error = exc
-        finally:
-            subscriber.close()
-
-    def check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def take_latest(self) -> None:
-        self.check()
-        return None
-
-    def wait_for_version(self, version: int, timeout_s: float) -> None:
-        with self._updated:
-            self._updated.wait_for(lambda: self.engine.policy_version >= version or self._error is not None,
-                                   timeout_s)
-        self.check()
-        return None
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2.0)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ staging buffers, whose first touch page-faults (a steady-state run reuses them).
 RECEIVER = r"""
 import json, sys, torch
 from common.config import LearnerConfig
-from learner.weight_sync import WeightReceiver, new_process_group, _connect_store
+from actor.weight_receiver import WeightReceiver
+from common.weight_protocol import connect_store, new_process_group
 args = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 cfg = LearnerConfig(**args["cfg"])
@@ -42,7 +43,7 @@ for version in range(args["updates"]):
     if receiver.wait_for_version(version, 300) is None:
         sys.exit(3)
 receiver.close()
-store = _connect_store(args["raw_address"], 300, is_master=False)
+store = connect_store(args["raw_address"], 300, is_master=False)
 group = new_process_group(store, "raw", args["rank"], args["world"], 300, torch.device("cpu"))
 buf = torch.empty(args["nbytes"], dtype=torch.uint8)
 for _ in range(args["updates"]):
@@ -59,7 +60,7 @@ def free_port() -> int:
 
 def payloads(synthetic_mb: int) -> dict[str, dict[str, torch.Tensor]]:
     from common.models import load_model
-    from learner.weight_sync import unique_named_tensors
+    from common.weight_protocol import unique_named_tensors
 
     model = load_model("smollm2", dtype=torch.float32, device="cpu")
     fp32 = {k: v.detach() for k, v in model.state_dict().items()}
@@ -72,14 +73,15 @@ def payloads(synthetic_mb: int) -> dict[str, dict[str, torch.Tensor]]:
 
 def run_case(state: dict[str, torch.Tensor], receivers: int, repeats: int, bucket_mb: int) -> dict[str, float]:
     from common.config import LearnerConfig
-    from learner.weight_sync import WeightSender, _connect_store, new_process_group, unique_named_tensors
+    from common.weight_protocol import connect_store, new_process_group, unique_named_tensors
+    from learner.weight_sync import WeightSender
 
     cfg = LearnerConfig(sync_address=f"127.0.0.1:{free_port()}", sync_timeout_s=300.0,
                         sync_control_address=f"tcp://127.0.0.1:{free_port()}", sync_bucket_mb=bucket_mb)
     named = unique_named_tensors(state)
     nbytes = sum(t.numel() * t.element_size() for _, t in named)
     raw_address = f"127.0.0.1:{free_port()}"
-    raw_store = _connect_store(raw_address, 300, is_master=True)
+    raw_store = connect_store(raw_address, 300, is_master=True)
     sender = WeightSender(cfg, 1 + receivers, "cpu")
     args = {"cfg": {"sync_address": cfg.sync_address, "sync_control_address": cfg.sync_control_address,
                     "sync_timeout_s": 300.0}, "world": 1 + receivers, "updates": repeats + WARMUP, "nbytes": nbytes,

@@ -187,7 +187,9 @@ class Publisher:
     A broadcast that did not reach every actor (a receiver died or has not joined yet, or a restarted receiver
     asked to rejoin) is retried from the fetch wait with a short join wait: actors only generate with weights at
     least as new as the reported version, so without the retry a missed version would leave them waiting while the
-    learner waits for their groups."""
+    learner waits for their groups. A version counts as delivered (`perf/sync_ok` = 1) only when every member of
+    the weight group acknowledged it; a re-send of a version the actors already hold is taken part in like any
+    other, so the retry after a rebuild completes."""
 
     RETRY_EVERY_S = 2.0
     RETRY_JOIN_WAIT_S = 1.0

@@ -41,7 +41,7 @@ class FakeActor:
     def __init__(self, cfg):
         from buffer.client import BufferClient
         from common.models import load_model
-        from learner.weight_sync import WeightReceiver
+        from actor.weight_receiver import WeightReceiver
 
         self.client = BufferClient(cfg.buffer.address, timeout_s=5.0)
         template = load_model(cfg.run.model, dtype=torch.float32, device="cpu").state_dict()

@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 
 from common.config import LearnerConfig
 from common.processes import free_port
-from learner.weight_sync import (ControlSubscriber, WeightReceiver, WeightSender, flat_offsets, plan_buckets,
-                                 unique_named_tensors)
+from actor.weight_receiver import WeightReceiver
+from common.weight_protocol import (ControlSubscriber, flat_offsets, new_process_group, plan_buckets,
+                                    unique_named_tensors)
+from learner.weight_sync import WeightSender
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +28,7 @@ RECEIVER_SCRIPT = r"""
 import json, sys, torch
 from safetensors.torch import save_file
 from common.config import LearnerConfig
-from learner.weight_sync import WeightReceiver
+from actor.weight_receiver import WeightReceiver
 torch.set_num_threads(1)
 args = json.loads(sys.argv[1])
 template = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, (dtype, shape) in args["template"].items()}
@@ -66,6 +68,15 @@ def _start_receiver(cfg: LearnerConfig, rank: int, state, versions, out: Path) -
             "template": {k: [str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in state.items()}}
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-c", RECEIVER_SCRIPT, json.dumps(args)], cwd=REPO, env=env)
+
+
+def _wait_started(sender: WeightSender, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Until the receiver process is up: it asks to join when it starts (importing torch can take 20 s on a
+    loaded machine, longer than a test's join wait)."""
+    deadline = time.monotonic() + timeout_s
+    while not sender.rejoin_requested():
+        assert time.monotonic() < deadline and proc.poll() is None, "the receiver process never started"
+        time.sleep(0.05)
 
 
 def _wait_file(path: Path, timeout_s: float = 30.0) -> dict[str, torch.Tensor]:
@@ -111,6 +122,7 @@ def test_receiver_gets_bitwise_equal_weights(tmp_path):
     sender = WeightSender(cfg, world_size=2, device="cpu")
     proc = _start_receiver(cfg, 1, state, [1, 2], tmp_path / "rx")
     try:
+        _wait_started(sender, proc)
         metrics = sender.broadcast(state, version=1)
         assert metrics["perf/sync_ok"] == 1.0
         _assert_bitwise_equal(_wait_file(tmp_path / "rx.v1.safetensors"), state)
@@ -272,7 +284,7 @@ def test_missing_receiver_bounds_the_wait_and_training_goes_on():
 
 @pytest.mark.unit
 def test_flat_buckets_always_travel_over_gloo_and_per_tensor_over_nccl_between_gpus():
-    from learner.weight_sync import transport_device
+    from common.weight_protocol import transport_device
 
     assert transport_device("flat", torch.device("cuda", 0)).type == "cpu"  # HF actors may share the GPU
     assert transport_device("per_tensor", torch.device("cuda", 0)).type == "cuda"  # SGLang: NCCL
@@ -295,3 +307,91 @@ def test_gpu_learner_weights_reach_a_gpu_receiver_bitwise():
     finally:
         receiver.close()
         sender.close()
+
+
+# ---------------------------------------------------------------------------------------------- protocol defects
+
+
+def _small_state(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(16, 8, generator=gen), "b": torch.randn(8, generator=gen)}
+
+
+class LazyGroup:
+    """A process group that joins its gloo rendezvous only at the first collective, the way ProcessGroupNCCL
+    creates its communicator lazily when no `device_id` is bound (the constructor returns at once)."""
+
+    def __init__(self, build):
+        self._build, self._group = build, None
+
+    def broadcast(self, tensor, root, timeout=None):
+        if self._group is None:
+            self._group = self._build()
+        return self._group.broadcast(tensor, root, timeout)
+
+
+def lazy_group_factory(store, group_name, rank, world_size, timeout_s, device):
+    return LazyGroup(lambda: new_process_group(store, group_name, rank, world_size, timeout_s, device))
+
+
+@pytest.mark.integration
+def test_lazy_group_counts_as_formed_only_after_every_member_joined():
+    torch.set_num_threads(1)
+    cfg = _cfg(sync_timeout_s=4.0)
+    state = _small_state(30)
+    sender = WeightSender(cfg, world_size=2, device="cpu", group_factory=lazy_group_factory)
+    receiver = WeightReceiver(cfg, 1, state, "cpu", group_factory=lazy_group_factory).start()
+    try:
+        time.sleep(0.5)  # the receiver is subscribed
+        assert sender.broadcast(state, version=1)["perf/sync_ok"] == 1.0
+        got = receiver.wait_for_version(1, timeout_s=5)
+        assert got is not None and got[0] == 1
+        _assert_bitwise_equal(got[1], state)
+    finally:
+        receiver.close()
+        sender.close()
+
+
+@pytest.mark.unit
+def test_store_listens_only_on_the_configured_address():
+    import socket
+
+    port = free_port()
+    sender = WeightSender(_cfg(sync_address=f"127.0.0.2:{port}"), world_size=2, device="cpu")
+    try:
+        socket.create_connection(("127.0.0.2", port), timeout=2).close()  # the configured address answers
+        with pytest.raises(ConnectionRefusedError):  # another local address does not
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        sender.close()
+
+
+@pytest.mark.unit
+def test_nccl_environment_is_set_before_the_first_communicator_and_required_after():
+    from common.weight_protocol import prepare_nccl_environment
+
+    fresh: dict[str, str] = {}
+    prepare_nccl_environment(fresh, communicator_may_exist=False)  # no communicator yet: set here, in time
+    assert fresh == {"NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0"}
+    prepare_nccl_environment(dict(fresh), communicator_may_exist=True)  # set at launch: fine under torchrun
+    with pytest.raises(RuntimeError, match="NCCL_CUMEM_ENABLE=<unset>"):  # too late to set: NCCL read it already
+        prepare_nccl_environment({}, communicator_may_exist=True)
+    with pytest.raises(RuntimeError, match="NCCL_NVLS_ENABLE=1"):  # set otherwise by the user
+        prepare_nccl_environment({"NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "1"}, communicator_may_exist=False)
+
+
+@pytest.mark.unit
+def test_malformed_announcements_are_rejected_with_the_field_named():
+    from common.schemas import TensorSpec, WeightAnnouncement, WireError
+    from common.weight_protocol import check_announcement
+
+    good = dict(version=1, group_name="w_ab_g0", generation=0, world_size=2, layout="flat", buckets=[])
+    check_announcement(WeightAnnouncement(**good))
+    bad = [({"version": -1}, "version"), ({"world_size": 1}, "world_size"), ({"layout": "x"}, "layout"),
+           ({"group_name": "a/b"}, "group_name"),
+           ({"buckets": [[TensorSpec(name="w", dtype="float32", shape=[2, -3])]]}, "buckets.shape"),
+           ({"buckets": [[TensorSpec(name="w", dtype="float32", shape=[1 << 20, 1 << 20])]]}, "buckets.shape"),
+           ({"buckets": [[TensorSpec(name="w", dtype="nope", shape=[2])]]}, "buckets.dtype")]
+    for change, field in bad:
+        with pytest.raises(WireError, match=field):
+            check_announcement(WeightAnnouncement(**{**good, **change}))
