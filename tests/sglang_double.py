@@ -218,7 +218,7 @@ class DoubleState:
         try:
             store = TCPStore(body["master_address"], int(body["master_port"]), world, False, timeout)
             group = _group_helper(PrefixStore(name, store), name, rank, world, timeout)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # ValueError: torch refuses a group name it already holds
             raise Refused(f"Failed to initialize custom process group: {exc}.") from None
         self.groups[name] = group
         return {"success": True, "message": "Succeeded to initialize custom process group."}
@@ -227,6 +227,7 @@ class DoubleState:
         group = self.groups.pop(body.get("group_name", "weight_update_group"), None)
         if group is None:
             raise Refused("The group to be destroyed does not exist.")
+        torch.distributed.destroy_process_group(group)
         return {"success": True, "message": "Succeeded to destroy custom process group."}
 
     def update(self, body: dict) -> dict:

@@ -185,6 +185,16 @@ def test_token_versions_from_spans_lists_and_fallbacks():
 
 
 @pytest.mark.unit
+def test_a_server_back_on_its_startup_weights_labels_tokens_version_zero():
+    # A server replaced on the same URL reports "default" (the weights it loaded at startup: the initial model)
+    # while the engine still believes it is at version 5; its tokens are version 0, not 5.
+    assert token_versions(MetaInfo(weight_version="default"), 2, 5, 5).tolist() == [0, 0]
+    assert token_versions(MetaInfo(weight_version="default"), 2, 4, 5).tolist() == [0, 0]
+    spans = MetaInfo(weight_versions=[["default", 0, 1], ["6", 1, 3]], weight_version="6")
+    assert token_versions(spans, 3, 5, 6).tolist() == [0, 6, 6]
+
+
+@pytest.mark.unit
 def test_generate_spreads_over_servers_and_groups_by_prompt(servers):
     a, b = servers(), servers()
     engine = SGLangEngine([SGLangServer(a.url), SGLangServer(b.url)])

@@ -199,11 +199,17 @@ def _to_sample(out: GenerateOutput, start_version: int, engine_version: int) -> 
     return GeneratedSample(np.asarray(out.output_ids, dtype=np.int32), logprobs, versions, reason)
 
 
+STARTUP_WEIGHT_VERSION = "default"
+"""sglang's weight_version before any update: the weights it loaded at startup, the initial model (version 0)."""
+
+
 def _version_int(value: Any, default: int) -> int:
+    if value == STARTUP_WEIGHT_VERSION:
+        return 0  # also after a restart on the same URL: the server lost every update
     try:
         return int(value)
     except (TypeError, ValueError):
-        return default  # e.g. "default" before the first update: the initial weights
+        return default
 
 
 def token_versions(meta: MetaInfo, n: int, start_version: int, engine_version: int) -> np.ndarray:
@@ -217,6 +223,8 @@ def token_versions(meta: MetaInfo, n: int, start_version: int, engine_version: i
             version, begin, end = (span["version"], span["start"], span["end"]) if isinstance(span, dict) else span
             out[int(begin):int(end)] = _version_int(version, start_version)
         return out
+    if meta.weight_version == STARTUP_WEIGHT_VERSION:
+        return np.zeros(n, dtype=np.int32)  # versions only grow, so every token came from the startup weights
     if start_version != engine_version or meta.weight_version is None:
         return np.full(n, start_version, dtype=np.int32)
     return np.full(n, _version_int(meta.weight_version, start_version), dtype=np.int32)
