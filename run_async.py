@@ -5,11 +5,13 @@
     python run_async.py --algo.max-staleness 0       # synchronous on-policy baseline
     python run_async.py --resume runs/<name>         # continue a stopped run
     python run_async.py --quiet                      # print only the final summary
+    python run_async.py --preset paper-1.5b --dry-run   # check model and data, print the plan, start nothing
     python run_async.py --help                       # every knob
 
-The story: resolve the config → write it into runs/<name>/ → start the buffer and wait until it answers → start
-the learner and the actors (each a plain `python -m ...` child with its own log) → watch them, showing a live
-status in a terminal (one progress line per refresh in a log file), restarting dead actors → when the learner
+The story: resolve the config → check the model (a hub model downloads here, once) → write the config into
+runs/<name>/ → start the buffer and wait until it answers → start the learner and the actors (each a plain
+`python -m ...` child with its own log) → watch them, showing a live status in a terminal (one progress line
+per refresh in a log file), restarting dead actors → when the learner
 finishes (or on Ctrl-C) shut down in order: learner (checkpoint), actors, buffer (snapshot) → draw
 runs/<name>/report.png → print held-out accuracy at start and end.
 """
@@ -79,8 +81,14 @@ def _preset_name() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    quiet = "--quiet" in args
-    cfg = resolve_config([a for a in args if a != "--quiet"])
+    quiet, dry_run = "--quiet" in args, "--dry-run" in args
+    cfg = resolve_config([a for a in args if a not in ("--quiet", "--dry-run")])
+    from common.plan import check_model_or_exit, plan_lines
+
+    if dry_run:
+        print("\n".join(["dry run: nothing is started", *plan_lines(cfg)]))
+        return 0
+    check_model_or_exit(cfg)  # a hub model downloads here, once, before any role starts
     cfg, run_dir = prepare_run_dir(cfg)
     from common.progress import ProgressDisplay, final_report
     from common.supervisor import RoleFailed, Supervisor

@@ -1,7 +1,7 @@
 """Typed configuration for every role, with defaults in one place.
 
 Each role reads the same `Config`; a role uses only its own section plus `algo` and `task`. The CLI
-(`parse_cli`) starts from a preset (`--preset tiny|cpu-demo|gpu-cluster`) or a resolved config file
+(`parse_cli`) starts from a preset (`--preset tiny|cpu-demo|gpu-cluster|paper-1.5b|paper-7b`) or a resolved config file
 (`--config-file runs/<name>/config.json`) and overrides any field with tyro flags such as
 `--algo.max-staleness 0` or `--actor.temperature 0.7`. `python run_async.py --help` lists them all.
 
@@ -142,27 +142,54 @@ class AlgorithmConfig:
 class TaskConfig:
     """Where prompts come from and how answers are checked."""
 
-    source: Literal["reasoning_gym", "procedural", "jsonl"] = "reasoning_gym"
+    source: Literal["reasoning_gym", "procedural", "jsonl", "hf"] = "reasoning_gym"
     """`reasoning_gym` (procedural, scored by the dataset's scorer), `procedural` (built-in generators of
-    common/tasks.py, exact match) or `jsonl` (local JSONL/Parquet, math-verify)."""
+    common/tasks.py, exact match), `jsonl` (local JSONL/Parquet, math-verify) or `hf` (a dataset read with
+    `datasets.load_dataset`: a hub id or a local path, downloaded when online, else from the cache; math-verify)."""
     name: str = "basic_arithmetic"
-    """reasoning-gym dataset name, or a built-in procedural task (e.g. `larger_digit`) with source = procedural."""
+    """reasoning-gym dataset name, a built-in procedural task (e.g. `larger_digit`) with source = procedural, or a
+    dataset id / local path with source = hf (e.g. `BytedTsinghua-SIA/DAPO-Math-17k`)."""
     params_json: str = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
     """reasoning-gym dataset parameters as a JSON object."""
     size: int = 256
     """Training prompts."""
     eval_size: int = 64
-    """Held-out evaluation prompts (disjoint seed)."""
+    """Held-out evaluation prompts (disjoint seed); with source = hf, the most evaluation prompts kept (a seeded
+    sample of the evaluation split)."""
     seed: int = 0
     """Seed of the procedural dataset (training uses seed, evaluation seed + 1_000_003)."""
     path: str = ""
     """Local dataset file (.jsonl or .parquet) when source = jsonl."""
-    prompt_field: str = "prompt"
-    """Field of a local dataset row holding the question."""
-    answer_field: str = "answer"
-    """Field of a local dataset row holding the reference answer."""
+    split: str = "train"
+    """source = hf: the dataset split trained on (all of its rows)."""
+    eval_name: str = ""
+    """source = hf: dataset id / local path evaluated on ('' : task.name)."""
+    eval_split: str = ""
+    """source = hf: split of the evaluation dataset ('' : task.split). With both eval_name and eval_split empty,
+    evaluation holds out eval_fraction of the training rows instead."""
+    field_map: str = ""
+    """source = hf: a named column mapping of a common math set (`dapo-math`, `math`, `math-500`; see
+    common/tasks.py); '' picks it from the dataset id (also the last two parts of a local path), else none."""
+    question_field: str = ""
+    """Column holding the question ('' : the field map's, else `prompt`). A dotted path reads a nested field; a
+    list of chat messages gives its last user message."""
+    answer_field: str = ""
+    """Column holding the reference answer ('' : the field map's, else `answer`); dotted paths as above, e.g.
+    `reward_model.ground_truth`."""
+    answer_format: Literal["auto", "raw", "boxed"] = "auto"
+    """How the answer column holds the answer: `raw` (the answer itself) or `boxed` (a worked solution whose last
+    \\boxed{} holds it, as in MATH); `auto`: the field map's, else raw."""
+    scorer: Literal["auto", "math"] = "auto"
+    """`math`: the answer is the content of the response's last \\boxed{} (none: wrong), compared with the
+    reference by math-verify (LaTeX and expressions); any source can use it, source = hf always does. `auto`:
+    reasoning-gym's scorer, exact match for procedural tasks, math-verify on the last box or else the last number
+    for jsonl."""
+    reward_correct: float = 1.0
+    """Reward of a correct response."""
+    reward_wrong: float = 0.0
+    """Reward of a wrong response, or one without an answer (the paper uses -1)."""
     eval_fraction: float = 0.1
-    """Fraction of a local dataset held out for evaluation."""
+    """Fraction of a local dataset (jsonl, or hf without eval_name / eval_split) held out for evaluation."""
     system_prompt: str = "Answer with the final number only."
     """System message put before each question ('' for none)."""
     use_chat_template: bool = True
@@ -178,6 +205,12 @@ class TaskConfig:
             raise ConfigError(f"task.params_json: not valid JSON ({exc})") from None
         _check(isinstance(params, dict), "task.params_json", "must be a JSON object")
         _check(self.source != "jsonl" or bool(self.path), "task.path", "required when task.source = jsonl")
+        _check(self.source != "hf" or bool(self.name.strip()), "task.name", "a dataset id or path is required "
+               "when task.source = hf")
+        _check(all(abs(r) <= 1e6 for r in (self.reward_correct, self.reward_wrong)), "task.reward_correct",
+               f"rewards must be finite and within +-1e6, got {self.reward_correct} / {self.reward_wrong}")
+        _check(self.reward_correct > self.reward_wrong, "task.reward_wrong",
+               f"must be below task.reward_correct ({self.reward_correct}), got {self.reward_wrong}")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -291,6 +324,10 @@ class ActorConfig:
         _check(self.max_new_tokens >= 1, "actor.max_new_tokens", "must be >= 1")
         _check(self.temperature > 0, "actor.temperature", f"must be > 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "actor.top_p", f"must be in (0, 1], got {self.top_p}")
+        # SGLang returns the log-prob under the full tempered distribution, not the top-p one it sampled from.
+        _check(self.engine != "sglang" or self.top_p == 1.0, "actor.top_p",
+               f"must be 1 with engine sglang, got {self.top_p}: sglang's returned log-prob is of the full tempered "
+               f"distribution, not the top-p one sampled from, so importance weights would be biased")
         _check(self.threads >= 0, "actor.threads", "must be >= 0")
         _check(self.sglang_tp_size >= 1, "actor.sglang_tp_size", "must be >= 1")
         _check_gpu_ids(self.gpus, "actor.gpus")
@@ -312,10 +349,6 @@ class LearnerConfig:
     """Learner steps in the run."""
     lr: float = 2e-5
     """AdamW learning rate (constant after warm-up)."""
-        # SGLang returns the log-prob under the full tempered distribution, not the top-p one it sampled from.
-        _check(self.engine != "sglang" or self.top_p == 1.0, "actor.top_p",
-               f"must be 1 with engine sglang, got {self.top_p}: sglang's returned log-prob is of the full tempered "
-               f"distribution, not the top-p one sampled from, so importance weights would be biased")
     warmup_steps: int = 0
     """Linear warm-up steps."""
     weight_decay: float = 0.0
@@ -360,6 +393,8 @@ class LearnerConfig:
         _check(self.groups_per_step % self.mini_batches == 0, "learner.mini_batches",
                f"must divide groups_per_step ({self.groups_per_step}), got {self.mini_batches}")
         _check(self.micro_batch_tokens >= 1, "learner.micro_batch_tokens", "must be >= 1")
+        _check(0 <= self.loss_chunk_tokens <= 2**20, "learner.loss_chunk_tokens",
+               f"must be in [0, 2**20] (0: unchunked), got {self.loss_chunk_tokens}")
         _check(self.total_steps >= 1, "learner.total_steps", "must be >= 1")
         _check(self.lr > 0, "learner.lr", f"must be > 0, got {self.lr}")
         _check(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
@@ -402,8 +437,6 @@ class RunConfig:
     read it from that file. Anyone who can read config.json can act as a role of this run."""
 
     def __post_init__(self) -> None:
-        _check(0 <= self.loss_chunk_tokens <= 2**20, "learner.loss_chunk_tokens",
-               f"must be in [0, 2**20] (0: unchunked), got {self.loss_chunk_tokens}")
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
         _check(self.eval_samples >= 1, "run.eval_samples", "must be >= 1")
         _check("/" not in self.name, "run.name", "must not contain '/'")
@@ -485,7 +518,65 @@ def _gpu_cluster() -> Config:
     )
 
 
-PRESETS = {"tiny": _tiny, "cpu-demo": _cpu_demo, "gpu-cluster": _gpu_cluster}
+PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _paper(model: str, micro_batch_tokens: int) -> Config:
+    """The paper's training recipe on one 8-GPU node (see `_paper_1_5b` for what each setting is and why)."""
+    return Config(
+        run=RunConfig(model=model, eval_every=20, eval_samples=4),
+        algo=AlgorithmConfig(allocation_mode="reference", n_mean=16, n_min=8, n_max=24, initial_budget=8,
+                             modulation=True, clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=10.0,
+                             kl_coef=0.0, entropy_coef=0.0, loss_aggregation="token-mean", max_staleness=0),
+        task=TaskConfig(source="hf", name="BytedTsinghua-SIA/DAPO-Math-17k", split="train",
+                        eval_name="HuggingFaceH4/MATH-500", eval_split="test", eval_size=128, scorer="math",
+                        reward_correct=1.0, reward_wrong=-1.0, system_prompt=PAPER_SYSTEM_PROMPT),
+        buffer=BufferConfig(wave_size=512),
+        actor=ActorConfig(engine="sglang", num_actors=4, gpus=(4, 5, 6, 7), prompts_per_lease=64,
+                          max_new_tokens=3072, temperature=1.0, top_p=1.0, dtype="bfloat16"),
+        learner=LearnerConfig(groups_per_step=512, mini_batches=16, micro_batch_tokens=micro_batch_tokens,
+                              loss_chunk_tokens=1024, total_steps=300, lr=1e-6, warmup_steps=10,
+                              weight_decay=0.1, grad_clip=1.0, dtype="bfloat16", gpus=(0, 1, 2, 3)),
+    )
+
+
+def _paper_1_5b() -> Config:
+    """The paper's Qwen2.5-Math-1.5B run, with the released training script's settings.
+
+    From the released script: 512 prompts per step, 16 optimizer mini-batches per step, AdamW lr 1e-6 with 10
+    warm-up steps, weight decay 0.1, grad-clip 1.0; sampling at temperature 1.0, top-p 1.0; PPO clip 0.2 / 0.28,
+    dual-clip 10, no KL, token-mean loss; DynaMO allocation with n_mean 16 in [8, 24] and advantage modulation;
+    rewards +1 / -1 on the last \\boxed{} answer checked by math-verify.
+
+    Our choices (the script leaves them open or they depend on this system):
+    - Training set DAPO-Math-17k (`BytedTsinghua-SIA/DAPO-Math-17k`, train split), its problems stripped of the
+      DAPO "Answer:" instructions so that the system prompt's \\boxed{} instruction is the only format asked for.
+    - System prompt: Qwen2.5-Math's own "Please reason step by step, and put your final answer within \\boxed{}."
+    - max_new_tokens 3072: Qwen2.5-Math models have a 4096-token context (max_position_embeddings), so 3072 leaves
+      1024 tokens for the prompt (DAPO problems are far shorter).
+    - max_staleness 0 (synchronous, like the released script's trainer); raise it for asynchronous training.
+    - total_steps 300 (about 9 passes over DAPO-Math-17k); initial_budget 8 (= n_min).
+    - In-training evaluation: 128 problems of MATH-500 (`HuggingFaceH4/MATH-500`, test), 4 samples each, every 20
+      steps, as a monitor only; the benchmark table is measured separately on saved checkpoints.
+    - Importance correction: truncate at 2 (this system's default; the script does not correct for staleness).
+    - Layout of one 8-GPU node: learner on GPUs 0-3 (data-parallel under torchrun; one process on GPU 0 when
+      started by run_async.py), four SGLang engines (tp 1) on GPUs 4-7; bf16 autocast over float32 weights, loss
+      head chunked by 1024 positions (151k-token vocabulary).
+    """
+    return _paper("Qwen/Qwen2.5-Math-1.5B", micro_batch_tokens=32768)
+
+
+def _paper_7b() -> Config:
+    """The paper's Qwen2.5-Math-7B run: `paper-1.5b` with the 7B model and half the micro-batch tokens.
+
+    The learner keeps float32 weights, gradients and AdamW state on every data-parallel rank (~16 bytes per
+    parameter, ~120 GB for 7.6 B parameters): it needs GPUs with more memory than that (e.g. 141 GB); on 80 GB GPUs
+    this preset does not fit."""
+    return _paper("Qwen/Qwen2.5-Math-7B", micro_batch_tokens=16384)
+
+
+PRESETS = {"tiny": _tiny, "cpu-demo": _cpu_demo, "gpu-cluster": _gpu_cluster, "paper-1.5b": _paper_1_5b,
+           "paper-7b": _paper_7b}
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -7,7 +7,15 @@
   dir; later calls just return that directory (loads in < 1 s).
 - `tiny`: a random Llama model (~0.25 M parameters) with a lower-cased character-level tokenizer (62 tokens), for fast tests and the
   `tiny` preset. It is created once from a fixed seed and saved, so every process loads bit-identical weights.
-- anything else: a local HF model directory (or an id already in the HF cache), always loaded offline.
+- a local HF model directory.
+- anything else: a Hugging Face hub id (e.g. `Qwen/Qwen2.5-Math-1.5B`). Online, it is downloaded into the hub
+  cache (`HF_HOME` / `HF_HUB_CACHE`) once per host: the first process takes a file lock (`fcntl.flock`) in the
+  cache, downloads with huggingface_hub's progress bars and leaves a marker; the other processes of the host wait
+  on the lock, then find the marker and load the cached snapshot without a network call. With `HF_HUB_OFFLINE=1`
+  only the cache is read.
+
+`check_model(name)` resolves a model and loads its config and tokenizer (not its weights): `run_async.py` calls it
+before any role starts, so a model that cannot be found or loaded is refused with one line.
 
 Cache entries are built in a temporary directory and renamed into place, so a reader never sees a half-written
 model and two processes converting at once both end up with a complete copy. The cache root is
@@ -16,10 +24,14 @@ model and two processes converting at once both end up with a complete copy. The
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import json
 import os
+import sys
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +71,7 @@ def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    return _hf_cached_snapshot(name)
+    return _hub_snapshot(name)
 
 
 def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
@@ -178,12 +190,99 @@ def _build_tiny(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def _hf_cached_snapshot(name: str) -> Path:
+HUB_IGNORE_PATTERNS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "original/*"]
+"""TensorFlow/Flax/Rust/ONNX copies of the weights and the original-format folder: never loaded here."""
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache huggingface_hub resolved from HF_HUB_CACHE / HF_HOME."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_snapshot(name: str) -> Path:
+    """Local snapshot of hub model `name`: the cache offline, else downloaded once per host (see module doc)."""
+    cache = hub_cache_dir()
+    if hub_offline():
+        return _hub_call(name, cache, local_files_only=True)
+    lock_dir = cache / ".dynamo-rl"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    key = name.replace("/", "--")
+    marker = lock_dir / f"{key}.done"
+    with open(lock_dir / f"{key}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"model {name}: another process of this host is downloading it; waiting", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        found = _marked_snapshot(marker)
+        if found is not None:
+            return found
+        print(f"model {name}: downloading into {cache}", file=sys.stderr, flush=True)
+        path = _hub_call(name, cache, local_files_only=False)
+        marker.write_text(json.dumps({"snapshot": str(path)}) + "\n")
+        return path
+
+
+def _marked_snapshot(marker: Path) -> Path | None:
+    try:
+        path = Path(json.loads(marker.read_text())["snapshot"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def _hub_call(name: str, cache: Path, *, local_files_only: bool) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except (LocalEntryNotFoundError, ValueError) as exc:
-        raise ModelError(f"model {name!r}: not 'smollm2', 'tiny', a local directory, or a model in the local "
-                         f"Hugging Face cache (offline): {exc}") from None
+        return Path(snapshot_download(name, cache_dir=cache, local_files_only=local_files_only,
+                                      ignore_patterns=HUB_IGNORE_PATTERNS))
+    except LocalEntryNotFoundError:
+        where = "offline (HF_HUB_OFFLINE)" if local_files_only else "and the hub cannot be reached"
+        raise ModelError(f"model {name!r}: not 'smollm2', 'tiny', a local directory, or a model in the Hugging "
+                         f"Face cache {cache} ({where})") from None
+    except (HfHubHTTPError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"model {name!r}: could not be downloaded from the Hugging Face hub "
+                         f"({type(exc).__name__}: {first})") from None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `check_model` found."""
+
+    name: str
+    path: Path
+    model_type: str
+    vocabulary: int
+    context: int | None
+    """max_position_embeddings of the config (None when it has none)."""
+
+    def describe(self) -> str:
+        return (f"model {self.name}: {self.model_type}, vocabulary {self.vocabulary}, context {self.context} tokens "
+                f"({self.path})")
+
+
+def check_model(name: str, cache_dir: str | Path | None = None) -> ModelInfo:
+    """Resolve `name` (downloading a hub model once per host) and load its config and tokenizer, not its weights.
+    ModelError, with one line, when the model cannot be found or loaded."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tokenizer = load_tokenizer(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"model {name!r} at {path}: config or tokenizer cannot be loaded ({first})") from None
+    return ModelInfo(name, path, config.model_type, len(tokenizer), getattr(config, "max_position_embeddings", None))

@@ -9,23 +9,34 @@ Sources (`TaskConfig.source`):
   match of the extracted answer. `larger_digit` ("Which is larger, 3 or 8?" -> "8") is the `tiny` preset's task:
   its answers are skewed (9 is the answer of 19% of pairs, 0 of 1%), so even a random tiny model learns first the
   answer format, then the frequent answers, then the comparison, and per-prompt success is very uneven.
-- `jsonl`: a local .jsonl/.json/.parquet file read with `datasets`; `prompt_field`/`answer_field` name the columns.
-  The whole file is used (size/eval_size do not apply); a seeded permutation holds out `eval_fraction` of the rows.
-  Ids are `f"{file stem}-{split}-{row index in the file}"`. Graded with math-verify. A row with a missing/empty
-  field or an answer math-verify cannot parse raises `TaskError` naming the row at load time.
+- `jsonl`: a local .jsonl/.json/.parquet file read with `datasets`; `question_field`/`answer_field` name the
+  columns (default `prompt`/`answer`). The whole file is used (size/eval_size do not apply); a seeded permutation
+  holds out `eval_fraction` of the rows. Ids are `f"{file stem}-{split}-{row index in the file}"`. Graded with
+  math-verify. A row with a missing/empty field or an answer math-verify cannot parse raises `TaskError` naming the
+  row at load time.
+- `hf`: a dataset read with `datasets.load_dataset` (a hub id, downloaded when online and cached; a local dataset
+  directory; or a local .parquet/.jsonl/.json file), split `task.split`, all rows. Columns come from a named field
+  map (`HF_FIELD_MAPS`, picked by `task.field_map` or by the dataset id) or from `task.question_field` /
+  `task.answer_field` / `task.answer_format`. Evaluation reads `task.eval_name` / `task.eval_split` (default: the
+  training split with `eval_fraction` held out), at most `eval_size` rows (a seeded sample). Ids are
+  `f"{dataset name}-{split}-{row index}"`. A missing column raises `TaskError` naming it and the columns there
+  are; a row without a usable question or answer is skipped, counted and logged (`HfLoad.skipped`).
 
 Answer extraction (`extract_answer`): the content of the last `\\boxed{...}` if there is one, else the last number
-in the text (optional minus sign, thousands commas removed, optional decimals), else None.
+in the text (optional minus sign, thousands commas removed, optional decimals), else None. The `math` scorer
+(`task.scorer`, the paper's) uses the last box only: a response without one is wrong.
 
-Rewards are binary: 1.0 when correct, 0.0 otherwise (including "no answer found"). reasoning-gym scorers can give
-partial credit (e.g. a substring match); only a full score (>= 1) counts as correct, because the allocation models
-each prompt's success as a Bernoulli variable.
+Rewards are `task.reward_correct` when correct and `task.reward_wrong` otherwise (including "no answer found");
+defaults 1 / 0, the paper's -1 for wrong is a config value. reasoning-gym scorers can give partial credit (e.g. a
+substring match); only a full score (>= 1) counts as correct, because the allocation models each prompt's success
+as a Bernoulli variable.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 import re
 import threading
@@ -39,6 +50,8 @@ Split = Literal["train", "eval"]
 EVAL_SEED_OFFSET = 1_000_003
 
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_log = logging.getLogger(__name__)
 
 
 class TaskError(ValueError):
@@ -62,6 +75,12 @@ def load_prompts(task: TaskConfig, split: Split) -> list[Prompt]:
         raise TaskError(f"split must be 'train' or 'eval', got {split!r}")
     if task.source == "jsonl":
         return _load_local(task, split)
+    if task.source == "hf":
+        loaded = load_hf_prompts(task, split)
+        if loaded.skipped:
+            _log.warning("%s (%s): %d row(s) skipped, e.g. %s", loaded.name, loaded.split, len(loaded.skipped),
+                         "; ".join(loaded.skipped[:3]))
+        return loaded.prompts
     size = task.size if split == "train" else task.eval_size
     seed = task.seed if split == "train" else task.seed + EVAL_SEED_OFFSET
     if task.source == "procedural":
@@ -157,23 +176,228 @@ def _read_local_rows(path: Path) -> list[dict[str, Any]]:
 
 def _local_row_to_prompt(row: dict[str, Any], index: int, task: TaskConfig, stem: str) -> Prompt:
     where = f"{task.path} row {index}"
-    question = row.get(task.prompt_field)
+    question_field, answer_field = task.question_field or "prompt", task.answer_field or "answer"
+    question = row.get(question_field)
     if not isinstance(question, str) or not question.strip():
-        raise TaskError(f"{where}: field {task.prompt_field!r} is missing or not a non-empty string "
+        raise TaskError(f"{where}: field {question_field!r} is missing or not a non-empty string "
                         f"(got {question!r})")
-    answer = row.get(task.answer_field)
+    answer = row.get(answer_field)
     if answer is None or (isinstance(answer, str) and not answer.strip()):
-        raise TaskError(f"{where}: field {task.answer_field!r} is missing or empty")
+        raise TaskError(f"{where}: field {answer_field!r} is missing or empty")
     answer = str(answer)
-    # math-verify always falls back to the raw string; an answer it turns into no expression cannot be graded.
-    if not [x for x in _math_verify_parse(_as_math(answer)) if not isinstance(x, str)]:
+    if not gradable(answer):
         raise TaskError(f"{where}: answer {answer!r} cannot be parsed by math-verify")
-    metadata = {k: v for k, v in row.items() if k not in (task.prompt_field, task.answer_field)}
+    metadata = {k: v for k, v in row.items() if k not in (question_field, answer_field)}
     return Prompt(f"{stem}-row-{index}", question, answer, _json_metadata(metadata, where))
+
+
+def gradable(answer: str) -> bool:
+    """math-verify turns `answer` into an expression (it always falls back to the raw string; an answer that gives
+    nothing else cannot be graded). Plain numbers, most answers of math RL sets, skip the ~5 ms parse."""
+    if _PLAIN_NUMBER.fullmatch(answer.strip()):
+        return True
+    return bool([x for x in _math_verify_parse(_as_math(answer)) if not isinstance(x, str)])
 
 
 def _with_split_id(prompt: Prompt, prompt_id: str) -> Prompt:
     return Prompt(prompt_id, prompt.question, prompt.answer, prompt.metadata)
+
+
+# ---------------------------------------------------------------------------------------------- hf datasets
+
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the form "
+               "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Where a dataset row keeps its question and answer."""
+
+    question: str
+    """Column (dotted path for a nested field) of the question; a chat-message list gives its last user message."""
+    answer: str
+    """Column (dotted path) of the reference answer."""
+    answer_format: Literal["raw", "boxed"] = "raw"
+    """`raw`: the answer itself; `boxed`: a worked solution whose last \\boxed{} holds the answer."""
+    strip_prefix: str = ""
+    """Instruction text removed from the start of the question when present."""
+    strip_suffix: str = ""
+    """Instruction text removed from the end of the question when present."""
+
+
+# Column names and answer formats as the dataset cards give them.
+HF_FIELD_MAPS: dict[str, FieldMap] = {
+    # DAPO-Math-17k: prompt = [{"role": "user", "content": <DAPO "Answer:" instructions around the problem>}],
+    # reward_model = {"ground_truth": "<integer>", "style": "rule-lighteval/MATH_v2"}. The instructions ask for an
+    # "Answer:" line; they are removed so that the system prompt's \boxed{} request is the only format asked for.
+    "dapo-math": FieldMap("prompt", "reward_model.ground_truth", "raw", DAPO_PREFIX, DAPO_SUFFIX),
+    # MATH (hendrycks/competition_math and its lighteval copy): problem, level, type, solution (answer boxed).
+    "math": FieldMap("problem", "solution", "boxed"),
+    # MATH-500: problem, solution, answer, subject, level, unique_id.
+    "math-500": FieldMap("problem", "answer", "raw"),
+}
+HF_DATASET_FIELD_MAPS = {
+    "bytedtsinghua-sia/dapo-math-17k": "dapo-math",
+    "digitallearninggmbh/math-lighteval": "math",
+    "hendrycks/competition_math": "math",
+    "huggingfaceh4/math-500": "math-500",
+}
+
+
+@dataclass(frozen=True)
+class HfLoad:
+    """Prompts read from one dataset split, with the rows that could not be used."""
+
+    name: str
+    split: str
+    rows: int
+    prompts: list[Prompt]
+    skipped: list[str]
+    """One line per unusable row: its index and what was wrong."""
+
+
+def field_map(task: TaskConfig, name: str) -> FieldMap:
+    """The field map of dataset `name` under `task` (named map, then per-field overrides)."""
+    key = task.field_map or _known_map_key(name)
+    if key and key not in HF_FIELD_MAPS:
+        raise TaskError(f"task.field_map={key!r}: unknown; choose from {sorted(HF_FIELD_MAPS)}")
+    base = HF_FIELD_MAPS[key] if key else FieldMap("prompt", "answer")
+    return FieldMap(task.question_field or base.question, task.answer_field or base.answer,
+                    base.answer_format if task.answer_format == "auto" else task.answer_format,
+                    base.strip_prefix, base.strip_suffix)
+
+
+def _known_map_key(name: str) -> str:
+    parts = Path(name.rstrip("/")).parts
+    return HF_DATASET_FIELD_MAPS.get("/".join(parts[-2:]).lower(), "")
+
+
+def load_hf_prompts(task: TaskConfig, split: Split) -> HfLoad:
+    """Prompts of `split` from the training or evaluation dataset of a source = hf task."""
+    import numpy as np
+
+    shared = not task.eval_split and task.eval_name in ("", task.name)  # evaluation holds out training rows
+    name = (task.eval_name or task.name) if split == "eval" else task.name
+    dataset_split = (task.eval_split or task.split) if split == "eval" else task.split
+    loaded = _hf_rows_to_prompts(task, name, dataset_split, split)
+    prompts = loaded.prompts
+    if shared:
+        order = np.random.default_rng(task.seed).permutation(len(prompts))
+        n_eval = int(round(task.eval_fraction * len(prompts)))
+        chosen = sorted(order[:n_eval] if split == "eval" else order[n_eval:])
+        prompts = [prompts[i] for i in chosen]
+    if split == "eval" and len(prompts) > task.eval_size:
+        keep = np.random.default_rng(task.seed + EVAL_SEED_OFFSET).permutation(len(prompts))[:task.eval_size]
+        prompts = [prompts[i] for i in sorted(keep)]
+    return HfLoad(loaded.name, loaded.split, loaded.rows, prompts, loaded.skipped)
+
+
+def _hf_rows_to_prompts(task: TaskConfig, name: str, dataset_split: str, split: Split) -> HfLoad:
+    fields = field_map(task, name)
+    dataset = _load_hf_dataset(name, dataset_split)
+    for column in (fields.question, fields.answer):
+        top = column.split(".")[0]
+        if top not in dataset.column_names:
+            raise TaskError(f"dataset {name!r} split {dataset_split!r}: no column {top!r} (for {column!r}); its "
+                            f"columns are {dataset.column_names}. Set task.question_field / task.answer_field "
+                            f"or task.field_map ({sorted(HF_FIELD_MAPS)})")
+    label = Path(name.rstrip("/")).name
+    prompts, skipped = [], []
+    for index, row in enumerate(dataset):
+        try:
+            question, answer = _hf_question(row, fields), _hf_answer(row, fields)
+        except TaskError as exc:
+            skipped.append(f"row {index}: {exc}")
+            continue
+        used = {fields.question.split(".")[0], fields.answer.split(".")[0]}
+        # Short scalar columns only (level, subject, ids): metadata travels with every lease of the prompt.
+        metadata = {k: v for k, v in row.items()
+                    if k not in used and (isinstance(v, (int, float, bool)) or isinstance(v, str) and len(v) <= 200)}
+        prompts.append(Prompt(f"{label}-{split}-{index}", question, answer, metadata))
+    if not prompts:
+        raise TaskError(f"dataset {name!r} split {dataset_split!r}: no usable rows of {len(dataset)} "
+                        f"({'; '.join(skipped[:3])})")
+    return HfLoad(name, dataset_split, len(dataset), prompts, skipped)
+
+
+def _load_hf_dataset(name: str, split: str) -> Any:
+    import datasets
+
+    path = Path(name).expanduser()
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    try:
+        if path.is_file():
+            if path.suffix.lower() not in kinds:
+                raise TaskError(f"task.name={name!r}: a local file must be .parquet, .jsonl or .json")
+            return datasets.load_dataset(kinds[path.suffix.lower()], data_files={split: str(path)}, split=split)
+        return datasets.load_dataset(str(path) if path.is_dir() else name, split=split)
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as exc:
+        raise TaskError(f"dataset {name!r}: not found (hub id, local directory or file; offline and not in the "
+                        f"cache?): {_first_line(exc)}") from None
+    except ValueError as exc:  # an unknown split, or files datasets cannot read
+        raise TaskError(f"dataset {name!r} split {split!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _field(row: dict[str, Any], path: str) -> Any:
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise TaskError(f"field {path!r} is missing")
+        value = value[part]
+    return value
+
+
+def _hf_question(row: dict[str, Any], fields: FieldMap) -> str:
+    value = _field(row, fields.question)
+    if isinstance(value, list):  # chat messages: the last user turn is the question
+        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        value = users[-1] if users else None
+    if not isinstance(value, str) or not value.strip():
+        raise TaskError(f"question {fields.question!r} is empty or not text")
+    if fields.strip_prefix and value.startswith(fields.strip_prefix):
+        value = value[len(fields.strip_prefix):]
+    if fields.strip_suffix and value.endswith(fields.strip_suffix):
+        value = value[:-len(fields.strip_suffix)]
+    return value.strip()
+
+
+def _hf_answer(row: dict[str, Any], fields: FieldMap) -> str:
+    value = _field(row, fields.answer)
+    if value is None or isinstance(value, (dict, list)) or not str(value).strip():
+        raise TaskError(f"answer {fields.answer!r} is empty or not a value")
+    answer = str(value).strip()
+    if fields.answer_format == "boxed":
+        boxed = _last_boxed(answer)
+        if boxed is None or not boxed.strip():
+            raise TaskError(f"answer {fields.answer!r} has no \\boxed{{}} answer")
+        answer = boxed.strip()
+    if not gradable(answer):
+        raise TaskError(f"answer {answer!r} cannot be parsed by math-verify")
+    return answer
+
+
+def describe_task(task: TaskConfig) -> list[str]:
+    """Loads the training and evaluation prompts once (every column and row check runs) and says what was found;
+    TaskError names what is wrong. For the run plan of `run_async.py --dry-run`."""
+    lines = []
+    for split in ("train", "eval"):
+        if split == "eval" and task.eval_size == 0:
+            lines.append("eval: none (task.eval_size 0)")
+            continue
+        if task.source == "hf":
+            loaded = load_hf_prompts(task, split)
+            skipped = f", {len(loaded.skipped)} row(s) skipped (e.g. {loaded.skipped[0]})" if loaded.skipped else ""
+            lines.append(f"{split}: {len(loaded.prompts)} prompts from {loaded.name} [{loaded.split}] "
+                         f"({loaded.rows} rows{skipped})")
+        else:
+            prompts = load_prompts(task, split)
+            lines.append(f"{split}: {len(prompts)} prompts ({task.source} {task.path or task.name})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -206,18 +430,33 @@ def _last_boxed(text: str) -> str | None:
 
 
 def score_response(prompt: Prompt, response_text: str, task: TaskConfig) -> tuple[float, bool]:
-    """(reward, correct) of one response: 1.0/True when the extracted answer is right, else 0.0/False."""
+    """(reward, correct) of one response: (task.reward_correct, True) when its answer is right, else
+    (task.reward_wrong, False)."""
+    if task.scorer == "math" or task.source == "hf":
+        correct = math_score(prompt.answer, response_text)
+    else:
+        correct = _source_score(prompt, response_text, task)
+    return (task.reward_correct if correct else task.reward_wrong), correct
+
+
+def math_score(gold: str, response_text: str) -> bool:
+    """The paper's math scorer: the content of the response's last \\boxed{} equals `gold` under math-verify."""
+    boxed = _last_boxed(response_text)
+    if boxed is None or not boxed.strip():
+        return False
+    return _math_verify_equal(gold, boxed.strip())
+
+
+def _source_score(prompt: Prompt, response_text: str, task: TaskConfig) -> bool:
     extracted = extract_answer(response_text)
     if extracted is None:
-        return 0.0, False
+        return False
     if task.source == "reasoning_gym":
         entry = {"question": prompt.question, "answer": prompt.answer, "metadata": prompt.metadata}
-        correct = _reasoning_gym_scorer(task.name, task.params_json).score_answer(extracted, entry) >= 1.0
-    elif task.source == "procedural":
-        correct = extracted == prompt.answer
-    else:
-        correct = _math_verify_equal(prompt.answer, extracted)
-    return (1.0 if correct else 0.0), correct
+        return _reasoning_gym_scorer(task.name, task.params_json).score_answer(extracted, entry) >= 1.0
+    if task.source == "procedural":
+        return extracted == prompt.answer
+    return _math_verify_equal(prompt.answer, extracted)
 
 
 def _as_math(text: str) -> str:

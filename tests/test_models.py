@@ -66,3 +66,106 @@ def test_smollm2_converts_once_then_loads_fast_and_answers():
                                   return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "5" in tok.decode(out[0, ids.shape[1]:])
+
+
+# ---------------------------------------------------------------------------------------------- hub models
+
+HUB_ID = "Qwen/Qwen2.5-Math-1.5B"
+
+
+@pytest.fixture
+def online_hub(tmp_path, monkeypatch):
+    """An online hub (HF_HUB_OFFLINE off) served by tests/hub_double.py from the tiny model, cache in tmp_path."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from tests.hub_double import make_snapshot_download
+
+    calls = tmp_path / "calls.log"
+    calls.touch()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = resolve_model_path("tiny")  # the shared cache: built once per machine
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", make_snapshot_download(source, calls))
+    return calls
+
+
+@pytest.mark.unit
+def test_hub_model_downloads_when_online_then_loads_from_the_cache(online_hub, tmp_path):
+    path = resolve_model_path(HUB_ID, tmp_path / "dynamo")
+    assert path == tmp_path / "hub" / "models--Qwen--Qwen2.5-Math-1.5B" / "snapshots" / path.name
+    assert (path / "config.json").is_file()
+    # The second resolve finds the host's marker: no second download, no network call at all.
+    assert resolve_model_path(HUB_ID, tmp_path / "dynamo") == path
+    lines = online_hub.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"download {HUB_ID}") and "original/*" in lines[0]
+
+
+@pytest.mark.unit
+def test_offline_hub_reads_only_the_cache_and_names_the_reason(online_hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match=r"Qwen/Qwen2.5-Math-1.5B.*offline \(HF_HUB_OFFLINE\)"):
+        resolve_model_path(HUB_ID, tmp_path / "dynamo")
+    assert online_hub.read_text().split()[0] == "cache"  # asked the cache only, never downloaded
+
+
+@pytest.mark.unit
+def test_check_model_loads_config_and_tokenizer_and_refuses_a_broken_model(tmp_path):
+    from common.models import check_model
+
+    info = check_model("tiny")
+    assert (info.model_type, info.context, info.vocabulary) == ("llama", 512, 61)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config or tokenizer cannot be loaded") as exc:
+        check_model(str(broken))
+    assert "\n" not in str(exc.value)
+
+
+_DOWNLOAD_SCRIPT = """
+import sys, time
+from pathlib import Path
+import huggingface_hub
+from tests.hub_double import make_snapshot_download
+calls, source = Path(sys.argv[1]), Path(sys.argv[2])
+huggingface_hub.snapshot_download = make_snapshot_download(source, calls, delay_s=2.0)
+from common.models import resolve_model_path
+print("ready", flush=True)
+while not (calls.parent / "go").exists():  # both processes have imported everything: start together
+    time.sleep(0.05)
+path = resolve_model_path("Qwen/Qwen2.5-Math-1.5B")
+print(path, time.time(), flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_two_processes_of_a_host_download_once(tmp_path):
+    # Both start at once against an empty cache: one downloads (2 s), the other waits on the lock and then finds
+    # the finished snapshot; the double counts one download in total.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = resolve_model_path("tiny")  # the shared cache: built once per machine
+    calls = tmp_path / "calls.log"
+    calls.touch()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+           "PYTHONPATH": str(root)}
+    env.pop("HF_HUB_CACHE", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _DOWNLOAD_SCRIPT, str(calls), str(source)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    paths = {out.split()[0] for out, _ in outs}
+    assert paths == {str(tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-Math-1.5B" / "snapshots"
+                         / "0123456789abcdef0123456789abcdef01234567")}
+    assert [line.split()[0] for line in calls.read_text().splitlines()] == ["download"]
+    stderr = "".join(err for _, err in outs)
+    assert stderr.count("downloading into") == 1 and stderr.count("is downloading it; waiting") == 1

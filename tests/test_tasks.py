@@ -6,7 +6,7 @@ import pytest
 
 from common.config import TaskConfig
 from common.schemas import WorkItem
-from common.tasks import (TaskError, build_prompt_text, encode_prompt, extract_answer, load_prompts,
+from common.tasks import (Prompt, TaskError, build_prompt_text, encode_prompt, extract_answer, load_prompts,
                           prompt_from_work_item, score_response, work_item_from_prompt)
 
 pytestmark = pytest.mark.unit
@@ -71,7 +71,7 @@ def _write_jsonl(path, rows):
 def test_jsonl_split_ids_and_math_verify(tmp_path):
     path = tmp_path / "math.jsonl"
     _write_jsonl(path, [{"q": f"What is {i}/2?", "a": f"\\frac{{{i}}}{{2}}", "level": i} for i in range(1, 21)])
-    task = TaskConfig(source="jsonl", path=str(path), prompt_field="q", answer_field="a", eval_fraction=0.25)
+    task = TaskConfig(source="jsonl", path=str(path), question_field="q", answer_field="a", eval_fraction=0.25)
     train, held_out = load_prompts(task, "train"), load_prompts(task, "eval")
     assert len(train) == 15 and len(held_out) == 5
     assert not {p.question for p in train} & {p.question for p in held_out}
@@ -131,3 +131,63 @@ def test_work_item_round_trip_keeps_scoring_metadata():
     assert isinstance(item, WorkItem) and item.n == 5
     assert prompt_from_work_item(item) == prompt
     assert score_response(prompt_from_work_item(item), prompt.answer, ARITH) == (1.0, True)
+
+
+# ---------------------------------------------------------------------------------------------- the math scorer
+
+PAPER = TaskConfig(source="jsonl", path="unused.jsonl", scorer="math", reward_correct=1.0, reward_wrong=-1.0)
+
+
+def _prompt(answer):
+    return Prompt("p-0", "question", answer, {})
+
+
+@pytest.mark.parametrize(
+    "gold, response, reward",
+    [
+        ("\\frac{1}{6}", "so the probability is \\boxed{\\frac{1}{6}}.", 1.0),
+        ("\\frac{1}{6}", "\\boxed{1/6}", 1.0),                          # another way to write the fraction
+        ("\\frac{1}{6}", "\\boxed{\\dfrac{2}{12}}", 1.0),                # unreduced, \dfrac
+        ("\\frac{1}{6}", "\\boxed{0.17}", -1.0),                         # 1/6 = 0.1666..., not 0.17
+        ("2\\sqrt{3}", "\\boxed{\\sqrt{12}}", 1.0),                      # sqrt(12) = sqrt(4 * 3) = 2 sqrt(3)
+        ("2\\sqrt{3}", "\\boxed{3\\sqrt{2}}", -1.0),                     # sqrt(18) != sqrt(12)
+        ("(-\\infty, 2]", "\\boxed{(-\\infty,2]}", 1.0),                 # same interval, spacing differs
+        ("(-\\infty, 2]", "\\boxed{(-\\infty, 2)}", -1.0),               # open at 2: another interval
+        ("12", "first \\boxed{13}, no: \\boxed{12}", 1.0),               # the last box counts
+        ("12", "\\boxed{12} or maybe \\boxed{13}", -1.0),                # ... also when it is the wrong one
+        ("12", "the answer is 12", -1.0),                                # no box: wrong (no number fallback)
+        ("12", "\\boxed{}", -1.0),                                       # empty box
+        ("12", "\\boxed{12", -1.0),                                      # cut off inside the box
+    ],
+)
+def test_math_scorer_uses_the_last_box_and_math_verify_with_paper_rewards(gold, response, reward):
+    assert score_response(_prompt(gold), response, PAPER) == (reward, reward > 0)
+
+
+def test_math_scorer_serves_every_source_and_default_rewards_stay_binary():
+    prompt = _prompt("8")
+    digits_math = TaskConfig(source="procedural", name="larger_digit", params_json="{}", scorer="math")
+    assert score_response(prompt, "\\boxed{8}", digits_math) == (1.0, True)
+    assert score_response(prompt, "8", digits_math) == (0.0, False)        # math scorer needs the box
+    assert score_response(prompt, "8", DIGITS) == (1.0, True)              # auto: exact match of the last number
+    arith_math = TaskConfig(size=12, eval_size=6, scorer="math", reward_wrong=-1.0)
+    arith = next(p for p in load_prompts(ARITH, "train") if not p.answer.startswith("-"))
+    assert score_response(arith, f"\\boxed{{{arith.answer}}}", arith_math) == (1.0, True)
+    assert score_response(arith, f"{arith.answer}", arith_math) == (-1.0, False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(reward_correct=1.0, reward_wrong=1.0), "task.reward_wrong"),
+        (dict(reward_correct=-1.0, reward_wrong=0.0), "task.reward_wrong"),
+        (dict(reward_correct=float("nan")), "task.reward_correct"),
+        (dict(reward_wrong=float("-inf")), "task.reward_correct"),
+        (dict(source="hf", name=" "), "task.name"),
+    ],
+)
+def test_reward_scale_and_hf_source_are_validated(kwargs, field):
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        TaskConfig(**kwargs)
