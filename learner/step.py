@@ -25,6 +25,7 @@ all-reduce; it is not implemented.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -261,18 +262,29 @@ def _all_reduce_gradients(model: nn.Module) -> None:
         dist.all_reduce(param.grad)
 
 
+def compute_precision(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to `learner.dtype` for the forward passes; weights, gradients and AdamW state stay float32 (a bf16
+    weight of size ~0.02 has an ulp of ~1.2e-4, so lr-1e-6 updates would round away)."""
+    if cfg.learner.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.learner.dtype))
+
+
 def accumulate_gradients(state: LearnerState, micro_batches: list[MicroBatch], denominators: tuple[float, float],
                          cfg: Config) -> dict[str, float]:
     """Backward over one mini-batch's micro-batches into .grad (zeroed first); returns the loss metrics."""
     mine = _shard(micro_batches)
     stats = None
+    device = next(state.model.parameters()).device
     if cfg.algo.modulation and cfg.algo.modulation_scope == "minibatch" and len(micro_batches) > 1:
-        stats = minibatch_scope_stats(state.policy, mine, cfg)
+        with compute_precision(cfg, device):
+            stats = minibatch_scope_stats(state.policy, mine, cfg)
     state.optimizer.zero_grad(set_to_none=True)
     acc = MetricAccumulator(sum_keys=("loss/policy", "loss/total", "loss/valid_tokens"))
     for mb in mine:
-        loss, metrics = micro_batch_loss(state.policy, mb, cfg, denominators, stats)
-        loss.backward()
+        with compute_precision(cfg, device):
+            loss, metrics = micro_batch_loss(state.policy, mb, cfg, denominators, stats)
+        loss.backward()  # outside autocast: backward runs each op in the dtype its forward chose
         acc.add(metrics, weight=mb.num_tokens)
     _all_reduce_gradients(state.model)
     return acc.result()
@@ -301,7 +313,8 @@ def train_step(state: LearnerState, batch: Batch, cfg: Config) -> dict[str, floa
     prepared = prepare_step(batch, cfg)
     mini_batches = [[mb.to(device) for mb in mbs] for mbs in prepared.mini_batches]
     for mbs in mini_batches[1:]:
-        record_prox_logp(state.policy, _shard(mbs), cfg.actor.temperature)
+        with compute_precision(cfg, device):
+            record_prox_logp(state.policy, _shard(mbs), cfg.actor.temperature)
     acc = MetricAccumulator(sum_keys=("loss/valid_tokens",))
     lr = state.optimizer.param_groups[0]["lr"]
     for mbs, denominators in zip(mini_batches, prepared.denominators):

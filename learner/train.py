@@ -94,7 +94,8 @@ def build_learner(cfg: Config, run_dir: Path, resume: bool, device: torch.device
 
     torch.manual_seed(cfg.run.seed)
     torch.set_num_threads(cfg.torch_threads("learner"))
-    model = load_model(cfg.run.model, dtype=getattr(torch, cfg.learner.dtype), device=device)
+    # float32 master weights whatever learner.dtype says: that is the autocast compute dtype (learner/step.py)
+    model = load_model(cfg.run.model, dtype=torch.float32, device=device)
     state = build_state(model, cfg.learner)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
