@@ -55,6 +55,15 @@ class _BufferPool:
             del self._free[:-self._max_free]
 
 
+def _report_failure(store: torch.distributed.Store, base: str, ann: WeightAnnouncement, ranks: Any) -> None:
+    """Tell the sender at once that this member will not confirm `ann.version` (best effort: the store may be
+    what failed), so it rebuilds without waiting out sync_timeout_s."""
+    try:
+        acknowledge(store, base, ann.group_name, ann.version, ranks, ok=False)
+    except RuntimeError as exc:
+        logger.debug("weight sync: failure of version %d not reported (%s)", ann.version, exc)
+
+
 @dataclass
 class _Membership:
     name: str
@@ -178,6 +187,7 @@ class WeightReceiver:
         except RuntimeError as exc:  # sender dropped the group, timed out, or has gone: wait for an invitation
             logger.warning("weight receiver %d: version %d on %s failed (%s)", self.rank, ann.version,
                            ann.group_name, exc)
+            _report_failure(self._member.store, self.cfg.sync_group_name, ann, [self.rank])
             self.failures += 1
             self._member = None
             self._rejoin_sent = False
@@ -334,6 +344,7 @@ class SGLangFollower:
             self.engine.update_from_announcement(ann)
             acknowledge(self._store, self.cfg.sync_group_name, ann.group_name, ann.version, self.ranks)
         except RuntimeError as exc:
+            _report_failure(self._store, self.cfg.sync_group_name, ann, self.ranks)
             self._fail(f"version {ann.version} on", ann, exc)
 
     def _fail(self, what: str, ann: WeightAnnouncement, exc: BaseException) -> None:

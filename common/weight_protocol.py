@@ -7,7 +7,8 @@ The learner's `learner.weight_sync.WeightSender` is rank 0 of a weight-update gr
 - the TCPStore the learner serves at `learner.sync_address` (`connect_store`; the master listens only on that
   address) and its keys: `<base>/current` (the group receivers may join), `<base>/rejoin/<rank>` (a receiver
   asks for a rebuild), `<base>/<group>/joined/<rank>` (a member confirms it holds the group) and
-  `<base>/<group>/ack/<version>/<rank>` (a member confirms it received and installed a version);
+  `<base>/<group>/ack/<version>/<rank>` (a member confirms it received and installed a version: 1, or 0 when it
+  failed there);
 - the announcement channel (`ControlSubscriber`, ZeroMQ SUB of the learner's PUB).
 """
 
@@ -199,24 +200,32 @@ def confirm_joined(store: torch.distributed.Store, base: str, group_name: str, r
         store.set(join_key(base, group_name, rank), "1")
 
 
+ACK_OK, ACK_FAILED = b"1", b"0"
+
+
 def acknowledge(store: torch.distributed.Store, base: str, group_name: str, version: int,
-                ranks: Iterable[int]) -> None:
+                ranks: Iterable[int], ok: bool = True) -> None:
+    """Confirm a version (ok) or report at once that it failed here, so the sender need not wait it out."""
     for rank in ranks:
-        store.set(ack_key(base, group_name, version, rank), "1")
+        store.set(ack_key(base, group_name, version, rank), ACK_OK if ok else ACK_FAILED)
 
 
-def wait_for_keys(store: torch.distributed.Store, keys: list[str], timeout_s: float,
-                  poll_s: float = 0.01) -> list[str]:
+def wait_for_keys(store: torch.distributed.Store, keys: list[str], timeout_s: float, poll_s: float = 0.01,
+                  stop_on: bytes | None = None) -> list[str]:
     """Wait until every key exists or timeout_s passes; returns the keys still missing (empty: all there).
+    With `stop_on`, a key holding that value ends the wait at once and counts as missing.
 
     Polls `check` instead of `Store.wait`: a TCPStore client holds its connection for the whole of a `wait`, so
     another thread's store calls would stall behind it, and c10d logs every timed-out wait as a warning."""
     deadline = time.monotonic() + timeout_s
-    while not store.check(keys):
-        if time.monotonic() > deadline:
-            return [key for key in keys if not store.check([key])]
+    pending = list(keys)
+    while True:
+        arrived = [key for key in pending if store.check([key])]
+        pending = [key for key in pending if key not in arrived]
+        failed = [key for key in arrived if stop_on is not None and store.get(key) == stop_on]
+        if failed or not pending or time.monotonic() > deadline:
+            return failed + pending
         time.sleep(poll_s)
-    return []
 
 
 def is_current(store: torch.distributed.Store, base: str, group_name: str) -> bool:

@@ -46,9 +46,10 @@ import zmq
 
 from common.config import LearnerConfig
 from common.schemas import TensorSpec, WeightAnnouncement, encode_message
-from common.weight_protocol import (LAYOUTS, GroupFactory, ack_key, connect_store, current_key, flat_offsets,
-                                    join_key, new_process_group, plan_buckets, prepare_nccl_environment,
-                                    rejoin_key, transport_device, unique_named_tensors, wait_for_keys)
+from common.weight_protocol import (ACK_FAILED, LAYOUTS, GroupFactory, ack_key, connect_store, current_key,
+                                    flat_offsets, join_key, new_process_group, plan_buckets,
+                                    prepare_nccl_environment, rejoin_key, transport_device, unique_named_tensors,
+                                    wait_for_keys)
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +214,9 @@ class WeightSender:
             logger.warning("weight sync: version %d on %s failed (%s); rebuilding the group", version, name, exc)
             self.abandon_group()
             return False
-        missing = wait_for_keys(self._store, acks, max(deadline - time.monotonic(), 0.0))
-        if missing:  # alive or not, these members did not receive (or install) the version in time
-            logger.warning("weight sync: version %d on %s not confirmed within %.1f s by %s; rebuilding the group",
+        missing = wait_for_keys(self._store, acks, max(deadline - time.monotonic(), 0.0), stop_on=ACK_FAILED)
+        if missing:  # alive or not, these members did not receive (or install) the version
+            logger.warning("weight sync: version %d on %s not confirmed (within %.1f s) by %s; rebuilding the group",
                            version, name, self.cfg.sync_timeout_s, missing)
             self.abandon_group()
             return False

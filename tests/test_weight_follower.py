@@ -148,6 +148,8 @@ def test_sync_ok_needs_every_engine_to_confirm_a_transfer_without_a_load_is_not_
         _wait_subscribed(sender)
         metrics = sender.broadcast(_state(3), version=1)
         assert metrics["perf/sync_ok"] == 0.0, "a version no engine installed was reported delivered"
+        # The follower reports the refusal: the learner does not wait out sync_timeout_s (3 s) for its ack.
+        assert metrics["time/sync_s"] < 2.0
         assert engine.policy_version == 0 and sender.generation == 1  # group abandoned, re-formed next time
         engine.model_names.add("b")  # the follower survived the failed update and follows the next attempt
         ok = any(sender.broadcast(_state(4), version=2, join_wait_s=5.0)["perf/sync_ok"] for _ in range(3))

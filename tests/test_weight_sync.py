@@ -192,6 +192,7 @@ def test_dead_receiver_does_not_hang_sender_and_a_new_one_joins(tmp_path):
     first = _start_receiver(cfg, 1, state, [1, 99], tmp_path / "a")
     second = None
     try:
+        _wait_started(sender, first)
         assert sender.broadcast(state, version=1)["perf/sync_ok"] == 1.0
         _wait_file(tmp_path / "a.v1.safetensors")
         first.send_signal(signal.SIGKILL)
