@@ -418,7 +418,8 @@ class RunConfig:
     runs_dir: str = "runs"
     """Parent directory of run directories."""
     model: str = "smollm2"
-    """`smollm2` (embedded SmolLM2-135M-Instruct), `tiny` (random tiny model), or a local HF model path."""
+    """`smollm2` (embedded SmolLM2-135M-Instruct), `tiny` (random tiny model), a local HF model path, or a hub id
+    (downloaded once per host into the Hugging Face cache when online; HF_HUB_OFFLINE=1 reads only the cache)."""
     seed: int = 0
     """Global seed."""
     wandb_mode: WandbMode = "offline"
