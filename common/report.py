@@ -32,6 +32,8 @@ from common.metrics import read_metrics
 SNAPSHOT_FILE = "buffer_snapshot.msgpack"
 REPORT_FILE = "report.png"
 INSPECT_TIMEOUT_S = 120.0
+GAP_MIN_S = 60.0
+GAP_FACTOR = 10.0
 
 
 @dataclass
@@ -167,6 +169,19 @@ def samples_rate(buffer: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     return t[1:][keep], ds[keep] / dt[keep]
 
 
+def break_gaps(t: np.ndarray, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(t, *ys) with a NaN point inserted where the records pause for longer than GAP_MIN_S and GAP_FACTOR times
+    their median spacing (a stopped and resumed run), so that plotted lines do not bridge the pause."""
+    if len(t) < 3:
+        return (t, *ys)
+    gaps = np.diff(t)
+    cut = np.nonzero(gaps > max(GAP_MIN_S, GAP_FACTOR * float(np.median(gaps))))[0] + 1
+    if not len(cut):
+        return (t, *ys)
+    middle = (t[cut - 1] + t[cut]) / 2
+    return (np.insert(t, cut, middle), *(np.insert(np.asarray(y, dtype=float), cut, np.nan) for y in ys))
+
+
 def pass_at_k_key(learner: list[dict[str, Any]]) -> str | None:
     """The eval/pass@k key (k > 1) the learner logged, if any."""
     for rec in learner:
@@ -267,6 +282,7 @@ def _plot_rate(ax, data: RunData) -> None:
     if not len(t):
         _no_data(ax, "buffer/samples_received in buffer records")
         return
+    t, r = break_gaps(t, r)
     ax.plot(_elapsed(data, t), r, color="tab:green")
     ax.grid(alpha=0.3)
 
@@ -288,11 +304,13 @@ def _plot_idle(ax, data: RunData) -> None:
     drawn = 0
     t, y = series(data.learner, "time/idle_fraction", x="time")
     if len(t):
+        t, y = break_gaps(t, y)
         ax.plot(_elapsed(data, t), 100 * y, "-", color="tab:blue", label="learner (fetch wait / step time)")
         drawn += 1
     for i, (role, recs) in enumerate(sorted(data.actors.items())):
         t, y = series(recs, "rollout/idle_fraction", x="time")
         if len(t):
+            t, y = break_gaps(t, y)
             ax.plot(_elapsed(data, t), 100 * y, "-", alpha=0.6, color=f"C{1 + i % 9}",
                     label=f"{role} (per log interval)")
             drawn += 1
@@ -323,10 +341,12 @@ def _plot_allocation_time(ax, data: RunData) -> None:
     if not len(t):
         _no_data(ax, "allocation/n/mean in buffer records")
         return
-    x = _elapsed(data, t)
     t_lo, lo = series(data.buffer, "allocation/n/min", x="time")
     t_hi, hi = series(data.buffer, "allocation/n/max", x="time")
-    if len(t_lo) == len(t) and len(t_hi) == len(t):
+    have_band = len(t_lo) == len(t) and len(t_hi) == len(t)
+    t, mean, lo, hi = break_gaps(t, mean, lo, hi) if have_band else (*break_gaps(t, mean), lo, hi)
+    x = _elapsed(data, t)
+    if have_band:
         ax.fill_between(x, lo, hi, color="tab:purple", alpha=0.2, label="min-max over prompts (latest wave each)")
     ax.plot(x, mean, "o-", color="tab:purple", markersize=3, label="mean over prompts")
     ax.legend(fontsize=8, loc="best")
@@ -342,8 +362,10 @@ def _plot_yield(ax, data: RunData) -> None:
         _no_data(ax, "buffer/groups_received, buffer/groups_zero_variance")
         return
     if len(t):
+        t, y = break_gaps(t, y)
         ax.plot(_elapsed(data, t), y, "o-", color="tab:cyan", markersize=3, label="per buffer log interval")
     if len(tw):
+        tw, yw = break_gaps(tw, yw)
         ax.plot(_elapsed(data, tw), yw, "-", color="tab:blue", label="buffer's recent-groups window")
     if data.low_yield_threshold is not None:
         ax.axhline(data.low_yield_threshold, color="tab:red", ls="--", lw=1, label="low-yield warning threshold")

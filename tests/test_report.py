@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from common.config import PRESETS
-from common.report import build_figure, informative_yield, load_run, samples_at, samples_rate, write_report
+from common.report import (break_gaps, build_figure, informative_yield, load_run, samples_at, samples_rate,
+                           write_report)
 
 DATA = Path(__file__).parent / "data" / "tiny_run"
 
@@ -107,3 +108,15 @@ def test_report_names_an_unreadable_snapshot(tmp_path):
     panels = _panels(build_figure(data))
     assert _says_no_data(panels["Staleness of served groups"])
     assert not _says_no_data(panels["Reward and held-out accuracy vs learner steps"])
+
+
+@pytest.mark.unit
+def test_break_gaps_cuts_lines_where_the_run_was_stopped():
+    t = np.array([0.0, 5.0, 10.0, 200.0, 205.0])
+    y = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    # gaps 5, 5, 190, 5: median 5 -> a pause is a gap over max(60 s, 10 x 5 s) = 60 s; one NaN at its middle
+    t2, y2 = break_gaps(t, y)
+    assert t2.tolist() == [0.0, 5.0, 10.0, 105.0, 200.0, 205.0]
+    assert np.isnan(y2[3]) and y2[[0, 1, 2, 4, 5]].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    steady = np.arange(0.0, 50.0, 5.0)
+    assert break_gaps(steady, steady)[0].tolist() == steady.tolist()
