@@ -253,3 +253,34 @@ def test_learner_loss_head_peak_memory_stays_under_a_bound_the_unchunked_head_ex
         model.zero_grad(set_to_none=True)
     assert peaks[0] > logits_bytes  # the unchunked head holds at least the whole logits
     assert peaks[chunk] < bound, f"chunked head peak {peaks[chunk] / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_chunked_head_matches_and_its_peak_memory_stays_flat():
+    """bf16 autocast over float32 weights as on a GPU learner; CUDA's allocator counts the peak."""
+    vocab, hidden, chunk = 151936, 896, 1024
+    head = torch.nn.Linear(hidden, vocab, bias=False, device="cuda")
+    peaks, results = {}, {}
+    for setting, tokens in ((0, 8192), (chunk, 8192), (chunk, 32768)):
+        torch.manual_seed(0)
+        states = torch.randn(1, tokens, hidden, device="cuda", requires_grad=True)
+        ids = torch.randint(0, vocab, (1, tokens), device="cuda")
+        head.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if setting:
+                logp = head_token_outputs(states, head, ids, temperature=TEMPERATURE, chunk_tokens=setting)[0]
+            else:
+                logp = token_logprob_entropy(head(states) / TEMPERATURE, ids)[0]
+        logp.sum().backward()
+        torch.cuda.synchronize()
+        peaks[setting, tokens] = torch.cuda.max_memory_allocated() - base
+        results[setting, tokens] = (logp.detach(), states.grad, head.weight.grad)
+    for got, want in zip(results[chunk, 8192], results[0, 8192]):
+        assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)
+    # [8192, V] bf16 logits alone are 2.3 GiB; the chunked head holds two [1024, V] float32 buffers (1.2 GiB) and
+    # the [V, H] gradients (0.5 GiB float32 + 0.25 GiB bf16 products) plus the [N, H] hidden gradient
+    assert peaks[chunk, 32768] < peaks[0, 8192] / 2
+    assert peaks[chunk, 32768] - peaks[chunk, 8192] <= (32768 - 8192) * hidden * 4 * 1.1
