@@ -8,10 +8,15 @@ describes what would run: roles, engines and GPUs, steps and batch. Nothing is s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from common.config import Config, ConfigError
 
+if TYPE_CHECKING:
+    from common.models import ModelInfo
 
-def check_model_or_exit(cfg: Config):
+
+def check_model_or_exit(cfg: Config) -> "ModelInfo":
     """The model's `ModelInfo`; SystemExit with one line when it cannot be found or loaded."""
     from common.models import ModelError, check_model
 

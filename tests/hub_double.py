@@ -1,9 +1,9 @@
 """A double of `huggingface_hub.snapshot_download` for tests without internet (this machine reaches no hub).
 
 It copies the behaviour our code depends on (huggingface_hub 2.4.0, huggingface_hub/_snapshot_download.py):
-- the snapshot lives at `<cache_dir or HF_HUB_CACHE>/models--<org>--<name>/snapshots/<commit>/` (l. 429 `snapshot_folder =
-  os.path.join(storage_folder, "snapshots", commit_hash)`, folder name from file_download.py l. 754) and that path
-  is returned (l. 559 `return snapshot_folder`);
+- the snapshot lives at `<cache_dir or HF_HUB_CACHE>/models--<org>--<name>/snapshots/<commit>/` (l. 429
+  `snapshot_folder = os.path.join(storage_folder, "snapshots", commit_hash)`, folder name from file_download.py
+  l. 754) and that path is returned (l. 559 `return snapshot_folder`);
 - with `local_files_only=True` a cached snapshot is returned without a download (l. 346-359) and a missing one
   raises `LocalEntryNotFoundError` (l. 382-400).
 A "download" copies the files of `source` (a real local model directory) after `delay_s` seconds and appends one
@@ -27,7 +27,8 @@ def make_snapshot_download(source: Path, calls_log: Path, delay_s: float = 0.0):
         from huggingface_hub import constants
         from huggingface_hub.errors import LocalEntryNotFoundError
 
-        folder = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / COMMIT
+        repo_folder = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+        folder = repo_folder / "snapshots" / COMMIT
         with open(calls_log, "a") as log:
             log.write(f"{'cache' if local_files_only else 'download'} {repo_id} {ignore_patterns}\n")
         if local_files_only:

@@ -80,7 +80,8 @@ def test_a_missing_column_is_named_with_the_columns_there_are():
 
 def test_unusable_rows_are_skipped_and_counted_and_a_dataset_without_any_is_refused(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    rows = [{"problem": "ok", "solution": "so \\boxed{3}", "notes": "x" * 201, "level": 2}, {"problem": "no box", "solution": "it is 3"},
+    rows = [{"problem": "ok", "solution": "so \\boxed{3}", "notes": "x" * 201, "level": 2},
+            {"problem": "no box", "solution": "it is 3"},
             {"problem": "", "solution": "\\boxed{1}"}, {"problem": "bad", "solution": "\\boxed{}{"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = load_hf_prompts(TaskConfig(source="hf", name=str(path), field_map="math", eval_fraction=0.0),
@@ -105,4 +106,5 @@ def test_unknown_datasets_maps_and_splits_fail_clearly(tmp_path):
 
 def test_describe_task_reports_both_splits():
     lines = describe_task(TaskConfig(source="hf", name=DAPO, eval_name=MATH500, eval_split="test", eval_size=2))
-    assert lines == [f"train: 6 prompts from {DAPO} [train] (6 rows)", f"eval: 2 prompts from {MATH500} [test] (3 rows)"]
+    assert lines == [f"train: 6 prompts from {DAPO} [train] (6 rows)",
+                     f"eval: 2 prompts from {MATH500} [test] (3 rows)"]

@@ -21,7 +21,8 @@ def _run(*args, tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name, model", [("paper-1.5b", "Qwen/Qwen2.5-Math-1.5B"), ("paper-7b", "Qwen/Qwen2.5-Math-7B")])
+@pytest.mark.parametrize("name, model", [("paper-1.5b", "Qwen/Qwen2.5-Math-1.5B"),
+                                         ("paper-7b", "Qwen/Qwen2.5-Math-7B")])
 def test_paper_presets_carry_the_released_settings(name, model):
     cfg = PRESETS[name]()
     assert cfg.run.model == model
