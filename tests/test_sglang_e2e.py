@@ -153,7 +153,7 @@ def test_server_killed_inside_an_update_is_replaced_and_catches_up(tmp_path, dou
     proc = subprocess.Popen(_command(tmp_path, "kill-server", [server.url], "--learner.total-steps", "10"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_until(_reached_step(run_dir, 3), 240, "learner step 3", proc)
+        _wait_until(_reached_step(run_dir, 3), 480, "learner step 3", proc)
         _wait_until(lambda: server.state()["session_open"], 60, "an update in progress", proc)
         server.kill()  # SIGKILL while the server holds an open weight-update session
         replacement = doubles(port=server.port).start().wait_up()
@@ -185,7 +185,7 @@ def test_learner_killed_and_resumed_resends_versions_the_server_already_holds(tm
                    "--learner.checkpoint-every", "4")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_until(_reached_step(run_dir, 6), 240, "learner step 6", proc)
+        _wait_until(_reached_step(run_dir, 6), 480, "learner step 6", proc)
         os.kill(_role_pid(run_dir, "learner.train"), signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
     finally:
