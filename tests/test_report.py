@@ -86,6 +86,9 @@ def test_report_of_a_recorded_tiny_run_fills_every_panel(tmp_path):
     assert [p.get_height() for p in stale.patches] == [15, 30, 75]
     alloc = panels["Rollout allocation per prompt (n_i)"]
     assert sum(p.get_height() for p in alloc.patches) == 432
+    # The last learner step (46.7 s) lies between buffer records of 2955 (45.6 s) and 3442 samples (50.8 s).
+    reward_vs_samples = panels["Reward and held-out accuracy vs generated samples"].get_lines()[0].get_xdata()
+    assert 2955 < reward_vs_samples[-1] < 3442 and reward_vs_samples[0] > 0
     out = write_report(run)
     assert out == run / "report.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
