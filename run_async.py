@@ -11,7 +11,7 @@
 The story: resolve the config → check the model (a hub model downloads here, once) → write the config into
 runs/<name>/ → start the buffer and wait until it answers → start the learner and the actors (each a plain
 `python -m ...` child with its own log) → watch them, showing a live status in a terminal (one progress line
-per refresh in a log file), restarting dead actors → when the learner
+per refresh in a log file), restarting dead actors and a dead buffer (from its snapshot) → when the learner
 finishes (or on Ctrl-C) shut down in order: learner (checkpoint), actors, buffer (snapshot) → draw
 runs/<name>/report.png → print held-out accuracy at start and end.
 """
@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     display = ProgressDisplay(run_dir, cfg, quiet=quiet,
                               actors_alive=lambda: sum(a.returncode() is None for a in supervisor.actors))
     display.note(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})")
+    supervisor.announce = display.note  # restarts of the buffer and the actors show in the progress output
     stop_requested = _install_signal_handlers()
     outcome = "failed"
     display.start()

@@ -258,8 +258,11 @@ class BufferConfig:
     """Recent generated groups over which the informative yield (groups with reward variance) is measured."""
     low_yield_threshold: float = 0.1
     """Informative yield below which, over a full window, the buffer warns (stats low_yield_warning, and the log)."""
+    max_restarts: int = 3
+    """Times run_async.py restarts a dead buffer from its last snapshot before stopping the run."""
 
     def __post_init__(self) -> None:
+        _check(self.max_restarts >= 0, "buffer.max_restarts", "must be >= 0")
         _check(self.address.startswith(("tcp://", "ipc://", "inproc://")), "buffer.address",
                f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {self.address!r}")
         _check(self.wave_size >= 1, "buffer.wave_size", "must be >= 1")
@@ -380,7 +383,11 @@ class LearnerConfig:
     sync_timeout_s: float = 120.0
     """A receiver that does not finish a broadcast within this time is dropped from the group."""
     fetch_timeout_s: float = 600.0
-    """Longest wait for a batch before the learner reports the buffer as stuck."""
+    """Longest wait for a batch before the learner reports the buffer as stuck (also the longest it waits for a
+    buffer that stopped answering to come back)."""
+    buffer_timeout_s: float = 10.0
+    """Seconds the learner waits for one buffer reply (beyond a long poll's hold) before resending it; after
+    three silent attempts the buffer counts as lost: the learner checkpoints and waits for it to come back."""
     loss_chunk_tokens: int = 0
     """Response positions per chunk of the loss head (learner/loss_head.py): the LM head projection, log-probs,
     entropy and E_pi[pi * Lambda] are computed this many tokens at a time and recomputed in backward, so the
@@ -388,6 +395,8 @@ class LearnerConfig:
     large vocabularies. 0: project the whole micro-batch at once (the [B, R, V] logits are materialised)."""
 
     def __post_init__(self) -> None:
+        _check(0 < self.buffer_timeout_s <= 3600, "learner.buffer_timeout_s",
+               f"must be in (0, 3600], got {self.buffer_timeout_s}")
         _check(self.groups_per_step >= 1, "learner.groups_per_step", "must be >= 1")
         _check(self.mini_batches >= 1, "learner.mini_batches", "must be >= 1")
         _check(self.groups_per_step % self.mini_batches == 0, "learner.mini_batches",

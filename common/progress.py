@@ -15,7 +15,6 @@ Outside a terminal each refresh prints one line, plus the buffer's low-yield war
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections import deque
@@ -48,8 +47,12 @@ class MetricsTail:
     def __init__(self, path: Path):
         self.path = path
         self.offset = 0
+        self.skipped = 0
+        """Complete lines that were not whole records (torn by a failed write) and were skipped."""
 
     def new_records(self) -> list[dict[str, Any]]:
+        from common.metrics import parse_record
+
         if not self.path.exists():
             return []
         with open(self.path, "rb") as fh:
@@ -57,7 +60,9 @@ class MetricsTail:
             data = fh.read()
         end = data.rfind(b"\n") + 1  # a half-written last line waits for the next call
         self.offset += end
-        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        records = [parse_record(line) for line in data[:end].splitlines() if line.strip()]
+        self.skipped += sum(rec is None for rec in records)
+        return [rec for rec in records if rec is not None]
 
 
 @dataclass(frozen=True)
@@ -377,19 +382,25 @@ class ProgressDisplay:
 
 
 def eval_history(run_dir: Path) -> list[dict[str, Any]]:
-    """Learner evaluation records (in step order)."""
-    from common.metrics import read_metrics
+    """Learner evaluation records (in step order); torn lines of metrics.jsonl are skipped."""
+    return [r for r in _learner_records(run_dir)[0] if r.get("eval/pass@1") is not None]
+
+
+def _learner_records(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """(the learner's records, lines of metrics.jsonl skipped as torn)."""
+    from common.metrics import read_metrics_counted
 
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in read_metrics(path, role="learner") if r.get("eval/pass@1") is not None]
+    return read_metrics_counted(path, role="learner") if path.exists() else ([], 0)
 
 
 def final_report(run_dir: Path, cfg: Config, outcome: str, console: Console, report: Path | None = None) -> int:
     """Print held-out accuracy at start vs end and where everything is; return the process exit code."""
-    evals = eval_history(run_dir)
+    records, skipped = _learner_records(run_dir)
+    evals = [r for r in records if r.get("eval/pass@1") is not None]
     console.print(f"run {outcome}: {run_dir}")
+    if skipped:
+        console.print(f"metrics.jsonl: skipped {skipped} torn lines (records cut short by a failed write)")
     if evals:
         first, last = evals[0], evals[-1]
         k = cfg.run.eval_samples

@@ -1,8 +1,11 @@
 """The supervisor behind run_async.py: starts the roles, watches them, restarts actors, shuts down in order.
 
 Policy: a dead actor is restarted (up to actor.max_restarts times; the buffer re-issues its lease when it
-expires); a dead buffer or learner stops the run with a message naming its log. Shutdown order: learner first (it
-checkpoints and asks the buffer for a snapshot), then actors, then the buffer (it writes its final snapshot).
+expires); a dead buffer is restarted from its last snapshot (up to buffer.max_restarts times; the learner
+re-announces its version to it and the actors reconnect); a dead learner stops the run with a message naming its
+log (resume it with `run_async.py --resume`). Every restart is announced with the role's log. Shutdown order:
+learner first (it checkpoints and asks the buffer for a snapshot), then actors, then the buffer (it writes its
+final snapshot).
 """
 
 from __future__ import annotations
@@ -17,14 +20,20 @@ from common.processes import RoleProcess
 BUFFER_READY_TIMEOUT_S = 120.0
 
 
+def _print_flushed(message: str) -> None:
+    print(message, flush=True)
+
+
 class RoleFailed(RuntimeError):
     """A role that the run cannot go on without has died; the message names its log."""
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, announce: Callable[[str], None] | None = None):
+        """`announce` shows a restart to the person watching (the progress output)."""
         self.cfg = cfg
         self.run_dir = run_dir
+        self.announce = announce or _print_flushed
         config_file = str(run_dir / "config.json")
         common = ["--config-file", config_file, "--run-dir", str(run_dir)]
         logs = run_dir / "logs"
@@ -41,11 +50,17 @@ class Supervisor:
 
     def start_buffer(self) -> None:
         self.buffer.start()
+        if not self._wait_for_buffer():
+            self._check_alive(self.buffer)
+
+    def _wait_for_buffer(self) -> bool:
+        """True once the buffer answers, False if it died first; RoleFailed if it neither answers nor dies."""
         deadline = time.monotonic() + BUFFER_READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            self._check_alive(self.buffer)
+            if self.buffer.returncode() is not None:
+                return False
             if self.buffer_stats():
-                return
+                return True
             time.sleep(0.3)
         raise RoleFailed(f"buffer did not answer within {BUFFER_READY_TIMEOUT_S:.0f} s; see {self.buffer.log_path}")
 
@@ -68,7 +83,7 @@ class Supervisor:
             if code is not None:
                 raise RoleFailed(f"learner exited with status {code}; see {self.learner.log_path}\n"
                                  f"{self.learner.log_tail()}")
-            self._check_alive(self.buffer)
+            self._restart_dead_buffer()
             self._restart_dead_actors()
             if time.monotonic() >= next_tick:
                 on_tick(self.buffer_stats())
@@ -81,6 +96,19 @@ class Supervisor:
         if code is not None:
             raise RoleFailed(f"{role.name} exited with status {code}; see {role.log_path}\n{role.log_tail()}")
 
+    def _restart_dead_buffer(self) -> None:
+        """Restart a dead buffer from its snapshot and wait until it answers (a restart that dies is retried)."""
+        while (code := self.buffer.returncode()) is not None:
+            if self.buffer.restarts >= self.cfg.buffer.max_restarts:
+                raise RoleFailed(f"buffer died {self.buffer.restarts + 1} times (last status {code}); "
+                                 f"see {self.buffer.log_path}\n{self.buffer.log_tail()}")
+            self.announce(f"buffer exited with status {code}; restarting it from its snapshot "
+                          f"({self.buffer.restarts + 1}/{self.cfg.buffer.max_restarts}); log: {self.buffer.log_path}")
+            self.buffer.restart()
+            if self._wait_for_buffer():
+                self.announce(f"buffer answers again (restart {self.buffer.restarts}); what it received after its "
+                              "last snapshot is lost, trained steps are not")
+
     def _restart_dead_actors(self) -> None:
         for actor in self.actors:
             code = actor.returncode()
@@ -89,8 +117,8 @@ class Supervisor:
             if actor.restarts >= self.cfg.actor.max_restarts:
                 raise RoleFailed(f"{actor.name} died {actor.restarts + 1} times (last status {code}); "
                                  f"see {actor.log_path}\n{actor.log_tail()}")
-            print(f"{actor.name} exited with status {code}; restarting ({actor.restarts + 1}/"
-                  f"{self.cfg.actor.max_restarts}); log: {actor.log_path}", flush=True)
+            self.announce(f"{actor.name} exited with status {code}; restarting ({actor.restarts + 1}/"
+                          f"{self.cfg.actor.max_restarts}); log: {actor.log_path}")
             actor.restart()
 
     def buffer_stats(self) -> dict:

@@ -7,7 +7,9 @@ Loop: fetch exactly `learner.groups_per_step` groups (a long poll; the wait is t
 that order: docs/INTERFACES.md) -> metrics -> checkpoint every `learner.checkpoint_every` steps (with a buffer
 snapshot). Held-out evaluation at the start, every `run.eval_every` steps and at the end. After
 `learner.total_steps` it checkpoints and exits 0; SIGTERM/SIGINT finish the current step, checkpoint, ask the
-buffer to snapshot, and exit 0. `--resume` continues from <run_dir>/checkpoints with the same version numbering
+buffer to snapshot, and exit 0. A buffer that stops answering is met with a checkpoint first, then a wait for it
+to come back (SIGTERM then exits 0); a restarted buffer is told the learner's version at once
+(learner/buffer_link.py). `--resume` continues from <run_dir>/checkpoints with the same version numbering
 and first re-broadcasts the resumed weights so actors catch up.
 
 Data parallel under torchrun (WORLD_SIZE > 1; not run on this CPU-only machine): every rank builds the model,
@@ -153,6 +155,17 @@ def share_batch(batch: Batch | None, world: int, device: torch.device) -> Batch 
     return decode_message(data.cpu().numpy().tobytes(), "reply")
 
 
+def connect_buffer(cfg: Config, run_dir: Path, state: LearnerState, stop: StopRequested) -> Any:
+    """The lead's buffer connection: a buffer that stops answering is met with a checkpoint first, then a wait
+    for it (or a clean stop on SIGTERM), and a restarted one is told the learner's version at once."""
+    from buffer.client import BufferClient
+    from learner.buffer_link import BufferLink
+
+    client = BufferClient.from_config(cfg.buffer, timeout_s=cfg.learner.buffer_timeout_s, secret=cfg.run.secret)
+    return BufferLink(client, cfg, stop.event, version=lambda: state.version,
+                      on_lost=lambda: save_checkpoint(run_dir, state))
+
+
 def checkpoint(state: LearnerState, run_dir: Path, client: Any) -> dict[str, float]:
     start = time.perf_counter()
     path = save_checkpoint(run_dir, state)
@@ -240,10 +253,8 @@ def run_step(state: LearnerState, batch: Batch, cfg: Config, publisher: Publishe
 
 def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world: int,
                device: torch.device, stop: StopRequested) -> None:
-    from buffer.client import BufferClient
-
     lead = rank == 0
-    client = BufferClient.from_config(cfg.buffer, secret=cfg.run.secret) if lead else None
+    client = connect_buffer(cfg, run_dir, state, stop) if lead else None
     sender = build_sender(cfg, device) if lead else None
     publisher = Publisher(sender, client) if lead else None
     metrics_log = MetricsLogger(run_dir, "learner", cfg.run.wandb_mode, cfg.run.wandb_project,
@@ -267,6 +278,7 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
             metrics = run_step(state, batch, cfg, publisher, waited)
             if not lead:
                 continue
+            metrics.update(client.take_metrics())
             every = cfg.learner.checkpoint_every
             if every and state.version % every == 0:
                 metrics.update(checkpoint(state, run_dir, client))

@@ -65,7 +65,7 @@ def _assert_accounted(counters: dict) -> None:
                                            + counters["groups_zero_variance"] + counters["queue_depth"])
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 360) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run exited early"
@@ -108,8 +108,10 @@ def _kill_while_holding_a_lease(run_dir: Path, pid: int, timeout: float = 60) ->
 
 
 def _kill_role_mid_run(cmd: list[str], run_dir: Path, module: str, at_step: int, timeout: float,
-                       holding_lease: bool = False) -> tuple[int, str]:
-    """Start a run, SIGKILL the process running `module` once the learner logged `at_step`, wait for the end."""
+                       holding_lease: bool = False) -> tuple[int, str, float]:
+    """Start a run, SIGKILL the process running `module` once the learner logged `at_step`, wait for the end.
+
+    Returns the run's exit status, its output and the wall-clock time of the kill."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(run_dir, at_step, proc)
@@ -118,10 +120,11 @@ def _kill_role_mid_run(cmd: list[str], run_dir: Path, module: str, at_step: int,
             _kill_while_holding_a_lease(run_dir, pid)
         else:
             os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
         out, _ = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
-    return proc.returncode, out
+    return proc.returncode, out, killed_at
 
 
 def test_tiny_preset_learns_accounts_for_every_group_and_leaves_no_process(tmp_path):
@@ -148,7 +151,8 @@ def test_actor_killed_is_restarted_and_its_lease_reissued(tmp_path):
     run_dir = tmp_path / "kill-actor"
     cmd = _command(tmp_path, "kill-actor", "--buffer.lease-timeout-s", "4", "--learner.total-steps", "16",
                    "--learner.sync-timeout-s", "20")
-    returncode, out = _kill_role_mid_run(cmd, run_dir, "actor.worker", at_step=4, timeout=240, holding_lease=True)
+    returncode, out, _ = _kill_role_mid_run(cmd, run_dir, "actor.worker", at_step=4, timeout=240,
+                                            holding_lease=True)
     assert returncode == 0, out
     assert "actor0 exited with status -9; restarting" in out
     assert (run_dir / "logs" / "actor0.log").read_text().count("=== start actor0") == 2
@@ -163,7 +167,7 @@ def test_actor_killed_is_restarted_and_its_lease_reissued(tmp_path):
 def test_learner_killed_stops_the_run_and_resume_continues_with_the_same_statistics(tmp_path):
     run_dir = tmp_path / "kill-learner"
     cmd = _command(tmp_path, "kill-learner", "--learner.total-steps", "14", "--learner.checkpoint-every", "5")
-    returncode, out = _kill_role_mid_run(cmd, run_dir, "learner.train", at_step=7, timeout=120)
+    returncode, out, _ = _kill_role_mid_run(cmd, run_dir, "learner.train", at_step=7, timeout=120)
     assert returncode == 1, out
     assert "learner exited with status -9" in out and str(run_dir / "logs" / "learner.log") in out
     assert _processes_mentioning(str(run_dir)) == []
@@ -171,6 +175,10 @@ def test_learner_killed_stops_the_run_and_resume_continues_with_the_same_statist
     seen_before = {pid: stats.total_samples for pid, stats in before.stats.items()}
     # Checkpoints every 5 steps: the newest one the killed run left (5 or 10, depending on when the kill landed).
     checkpoint_version = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    # A disk that filled up mid-record left a torn line; --resume reads it at its first progress tick and in its
+    # final report, and the resumed learner appends after it.
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"role": "learner", "step": 7, "loss/po')
     resume_start = time.time()
 
     resumed = _run([sys.executable, "run_async.py", "--resume", str(run_dir), *PORTS])
@@ -183,6 +191,28 @@ def test_learner_killed_stops_the_run_and_resume_continues_with_the_same_statist
     resumed_steps = [r["step"] for r in _learner_records(run_dir, "loss/policy") if r["time"] > resume_start]
     # Same version numbering: the resumed learner trains checkpoint + 1 .. total_steps, once each.
     assert resumed_steps == list(range(checkpoint_version + 1, 15))
+    assert "skipped 1 torn lines" in resumed.stdout
+
+
+@pytest.mark.timeout(900)  # ~1 min on an idle machine; the roles take minutes to start on a busy one
+def test_buffer_killed_is_restarted_from_its_snapshot_and_no_trained_step_is_lost(tmp_path):
+    run_dir = tmp_path / "kill-buffer"
+    # Checkpoints (each with a buffer snapshot) every 5 steps and periodic snapshots every 5 s (the preset).
+    cmd = _command(tmp_path, "kill-buffer", "--learner.total-steps", "20", "--learner.checkpoint-every", "5")
+    returncode, out, killed_at = _kill_role_mid_run(cmd, run_dir, "buffer.server", at_step=8, timeout=240)
+    assert returncode == 0, out
+    assert "buffer exited with status -9; restarting it from its snapshot (1/3)" in out
+    buffer_log = (run_dir / "logs" / "buffer.log").read_text()
+    assert buffer_log.count("=== start buffer") == 2 and "restored" in buffer_log.split("=== start buffer")[-1]
+    records = _learner_records(run_dir, "loss/policy")
+    # One learner trained every step once: nothing it had trained (and checkpointed) was lost or repeated.
+    assert [r["step"] for r in records] == list(range(1, 21))
+    killed_step = max(r["step"] for r in records if r["time"] <= killed_at)
+    resumed_after = min(r["time"] for r in records if r["step"] > killed_step) - killed_at
+    assert resumed_after < 60, resumed_after  # the outage costs seconds, not the client's 3 x 30 s retries
+    assert decode_snapshot((run_dir / "buffer_snapshot.msgpack").read_bytes()).policy_version == 20
+    _assert_accounted(_final_counters(run_dir))
+    assert _processes_mentioning(str(run_dir)) == []
 
 
 def test_max_staleness_zero_trains_only_on_policy(tmp_path):
@@ -194,3 +224,35 @@ def test_max_staleness_zero_trains_only_on_policy(tmp_path):
     assert counters["groups_dropped_stale"] == 0
     assert all(r["buffer/staleness/max"] == 0 for r in _learner_records(run_dir, "buffer/staleness/max"))
     _assert_accounted(counters)
+
+
+def test_supervisor_restarts_a_dead_buffer_from_its_snapshot_a_bounded_number_of_times(tmp_path):
+    from common.config import PRESETS, save_config, with_overrides
+    from common.processes import free_port
+    from common.supervisor import RoleFailed, Supervisor
+
+    cfg = with_overrides(PRESETS["tiny"](), run={"wandb_mode": "disabled"},
+                         buffer={"address": f"tcp://127.0.0.1:{free_port()}", "max_restarts": 1})
+    run_dir = tmp_path / "run"
+    save_config(cfg, run_dir / "config.json")
+    said: list[str] = []
+    supervisor = Supervisor(cfg, run_dir, announce=said.append)
+    kills = []
+
+    def kill_buffer_once_answering(stats: dict) -> None:
+        if stats and len(kills) < 2:
+            supervisor._client.snapshot()  # something to restore from
+            os.kill(supervisor.buffer.pid, signal.SIGKILL)
+            kills.append(supervisor.buffer.pid)
+
+    try:
+        supervisor.start_buffer()
+        with pytest.raises(RoleFailed, match=r"buffer died 2 times \(last status -9\)"):
+            supervisor.watch([False], on_tick=kill_buffer_once_answering, refresh_s=0.1)
+    finally:
+        supervisor.shutdown()
+    assert len(kills) == 2 and kills[0] != kills[1]  # the second kill hit the restarted process
+    assert said[0].startswith("buffer exited with status -9; restarting it from its snapshot (1/1); log: ")
+    buffer_log = (run_dir / "logs" / "buffer.log").read_text()
+    assert buffer_log.count("=== start buffer") == 2
+    assert "restored " + str(run_dir / "buffer_snapshot.msgpack") in buffer_log.split("=== start buffer")[-1]
