@@ -1,7 +1,7 @@
 """Look inside a running buffer, or a finished run's buffer snapshot.
 
     python -m buffer.inspect --addr tcp://127.0.0.1:5555 summary          # counters, queue, staleness histogram
-    python -m buffer.inspect --addr tcp://127.0.0.1:5555 prompts --top 20 # per-prompt table sorted by priority
+    python -m buffer.inspect --addr tcp://127.0.0.1:5555 prompts --top 20 # per-prompt table (priority, skip state)
     python -m buffer.inspect --addr tcp://127.0.0.1:5555 watch            # live refreshing summary (Ctrl-C quits)
     python -m buffer.inspect --snapshot runs/x/buffer_snapshot.msgpack plot --out buffer.png
 
@@ -91,6 +91,10 @@ def summary_table(stats: dict[str, Any], rates: dict[str, float] | None = None) 
         ("prompts", stats["prompts"], "clients", json.dumps(stats.get("clients", {}))),
         ("informative yield", _fmt(stats.get("informative_yield")), "snapshot failures",
          stats.get("snapshot_failures", 0)),
+        ("prompt skipping", "on" if stats.get("prompt_skipping") else "off", "skip probability",
+         _fmt(stats.get("skip_probability"))),
+        ("prompts skipped", stats.get("prompts_skipped", 0), "revisited (paid off)",
+         f"{stats.get('prompts_revisited', 0)} ({stats.get('revisits_informative', 0)})"),
     ]
     for row in rows:
         main.add_row(*(str(x) for x in row))
@@ -109,23 +113,36 @@ def summary_table(stats: dict[str, Any], rates: dict[str, float] | None = None) 
 
 def prompts_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"prompts by priority ({len(rows)} shown)")
-    for name in ("prompt_id", "G", "k", "success", "variance", "priority", "last n", "recent n", "leases"):
+    for name in ("prompt_id", "G", "k", "success", "variance", "priority", "last n", "recent n", "leases",
+                 "zv streak", "skips", "since seen", "p skip"):
         table.add_column(name, justify="left" if name == "prompt_id" else "right")
     for r in rows:
         table.add_row(r["prompt_id"], _fmt(r["G"], 1), _fmt(r["k"], 1), _fmt(r["success"]), _fmt(r["variance"]),
                       _fmt(r["priority"], 4), str(r["last_n"]), " ".join(map(str, r["allocations"][-6:])),
-                      str(r["leases"]))
+                      str(r["leases"]), _fmt(r.get("zero_variance_streak")),
+                      f"{r.get('skips_in_row', 0)}/{r.get('skips', 0)}", _fmt(r.get("waves_since_seen")),
+                      _fmt(r.get("skip_probability"), 2))
     return table
 
 
 def plot(stats: dict[str, Any], rows: list[dict[str, Any]], out: str) -> None:
-    """Histograms of known priorities, of each prompt's latest allocation n, and of served-group staleness."""
+    """Write `figure` to `out`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(stats, rows)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def figure(stats: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
+    """Histograms of known priorities, of each prompt's latest allocation n, of served-group staleness, and the
+    skip state per prompt (zero-variance streak against times skipped)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     priorities = [r["priority"] for r in rows if r["priority"] >= 0]
     axes[0].hist(priorities, bins=30, color="tab:blue")
     unknown = sum(1 for r in rows if r["priority"] < 0)
@@ -137,10 +154,22 @@ def plot(stats: dict[str, Any], rows: list[dict[str, Any]], out: str) -> None:
     hist = {int(k): v for k, v in stats["staleness_hist"].items()}
     axes[2].bar(list(hist), list(hist.values()), color="tab:orange")
     axes[2].set(title="staleness of served groups", xlabel="policy versions behind", ylabel="groups")
+    _skip_panel(axes[3], stats, rows)
     fig.suptitle(f"buffer at policy version {stats['policy_version']}, epoch {stats['epoch']}")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def _skip_panel(ax: Any, stats: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """One dot per prompt: zero-variance streak against times skipped, coloured by the next skip probability."""
+    streak = [r.get("zero_variance_streak", 0) for r in rows]
+    skips = [r.get("skips", 0) for r in rows]
+    points = ax.scatter(streak, skips, c=[r.get("skip_probability", 0.0) for r in rows], cmap="viridis",
+                        vmin=0.0, vmax=1.0, s=12)
+    ax.figure.colorbar(points, ax=ax, label="next skip probability")
+    state = "on" if stats.get("prompt_skipping") else "off"
+    ax.set(title=f"skip state per prompt (skipping {state}, {stats.get('prompts_skipped', 0)} skipped)",
+           xlabel="zero-variance groups in a row", ylabel="times skipped")
 
 
 # ---------------------------------------------------------------------------------------------- commands

@@ -197,7 +197,8 @@ def metrics_record(stats: dict[str, Any], previous: dict[str, Any] | None, dt: f
                    "leases_granted", "leases_expired", "leases_released", "prompts_leased", "groups_received",
                    "groups_zero_variance", "groups_dropped_stale", "groups_dropped_rollback", "groups_served",
                    "samples_received", "messages_bad", "snapshot_failures", "informative_yield",
-                   "informative_sample_yield")
+                   "informative_sample_yield", "prompts_skipped", "prompts_revisited", "prompts_forced",
+                   "revisits_informative", "skip_probability")
     m: dict[str, float] = {f"buffer/{k}": stats[k] for k in scalar_keys}
     m["buffer/groups_rejected"] = sum(stats["groups_rejected"].values())
     for reason, count in stats["groups_rejected"].items():

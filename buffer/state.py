@@ -5,7 +5,8 @@ optionally with exponential forgetting), the epoch order, waves of allocated wor
 groups waiting for the learner, and counters. The server (`buffer/server.py`) decodes a request, calls one method
 here and encodes what it returns; a rejected request raises `Rejection(code, message)`.
 
-Life of a prompt: epoch order -> wave (n_i from `allocate_rollouts`) -> `pending` -> leased (in flight) ->
+Life of a prompt: epoch order -> [skip rule, with algo.prompt_skipping: ALGORITHM §8, `buffer/skipping.py`] ->
+wave (n_i from `allocate_rollouts`) -> `pending` -> leased (in flight) ->
 submitted group -> queue -> served to the learner (or dropped: zero variance / too stale). An expired or released
 lease puts its prompts back at the front of `pending` with the n they were allocated.
 
@@ -42,6 +43,8 @@ from typing import Any, Iterable
 
 import msgspec
 import numpy as np
+from buffer import skipping
+from buffer.skipping import SkipController
 from common.config import Config, config_from_dict, config_to_dict
 from common.schemas import (
     FINISH_REASONS,
@@ -60,7 +63,9 @@ from common.schemas import (
 
 log = logging.getLogger("buffer")
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMATS_READ = (2, 3)
+"""Format 2 lacks the skipping state (per-prompt streaks, the controller): it loads with those at their start."""
 SNAPSHOT_MAGIC = b"DYNAMO-RL-BUFFER"
 _SNAPSHOT_HEADER = struct.Struct("<16sIQ32s")  # magic, format, payload length, sha256(format, length, payload)
 LEASE_SEQ_LIMIT = 2**31
@@ -101,6 +106,14 @@ class PromptStats(msgspec.Struct, kw_only=True):
     total_correct: int = 0
     leases: int = 0
     allocations: list[int] = msgspec.field(default_factory=list)
+    zero_variance_streak: int = 0
+    """Groups in a row, most recent last, whose rewards were all equal (prompt skipping, ALGORITHM §8)."""
+    skips_in_row: int = 0
+    """Times the prompt was skipped since its last rollout."""
+    skips: int = 0
+    """Times the prompt was skipped in all."""
+    last_wave: int = -1
+    """Index of the last wave the prompt entered (-1: never); with waves_allocated it says when it was last seen."""
 
 
 class PendingItem(msgspec.Struct, array_like=True):
@@ -146,6 +159,14 @@ class Counters(msgspec.Struct, kw_only=True):
     """Replay-cache entries (last lease/fetch answer of a client) forgotten to stay within buffer.max_clients."""
     clients_evicted: int = 0
     """Registered clients forgotten to stay within buffer.max_clients."""
+    prompts_skipped: int = 0
+    """Prompts left out of a wave by prompt skipping."""
+    prompts_revisited: int = 0
+    """Prompts with a zero-variance streak that prompt skipping let into a wave."""
+    prompts_forced: int = 0
+    """Prompts leased although skipped, because every prompt of their epoch was skipped."""
+    revisits_informative: int = 0
+    """Groups with reward variance from prompts that had a zero-variance streak (a revisit that paid off)."""
 
 
 class Snapshot(msgspec.Struct, kw_only=True):
@@ -167,6 +188,8 @@ class Snapshot(msgspec.Struct, kw_only=True):
     next_lease_id: int
     next_arrival: int
     incarnation: int = 1
+    skip: SkipController | None = None
+    """Prompt skipping's controller (None in format 2: started from the config)."""
 
 
 class SnapshotError(ValueError):
@@ -223,6 +246,7 @@ class BufferState:
         self.yield_window: deque[tuple[int, int, int]] = deque()  # (informative, samples, all correct) per group
         self._yield_sums = [0, 0, 0, 0]  # informative groups, samples, informative samples, all-correct groups
         self.low_yield_warning = ""
+        self.skip = SkipController(p_explore=cfg.algo.skip_explore_init)
 
     # ------------------------------------------------------------------------------------------- gauges
 
@@ -430,14 +454,54 @@ class BufferState:
     def _allocate_wave(self) -> None:
         if self.epoch_pos >= len(self.epoch_order):
             self._start_epoch()
-        ids = self.epoch_order[self.epoch_pos : self.epoch_pos + self.cfg.buffer.wave_size]
-        self.epoch_pos += len(ids)
+        if self.cfg.algo.prompt_skipping:
+            ids = self._skipping_wave_ids()
+        else:
+            ids = self.epoch_order[self.epoch_pos : self.epoch_pos + self.cfg.buffer.wave_size]
+            self.epoch_pos += len(ids)
         for pid, n in zip(ids, self.allocate(ids)):
             self.pending.append(PendingItem(pid, n))
-            history = self.stats[pid].allocations
-            history.append(n)
-            del history[:-ALLOCATION_HISTORY]
+            s = self.stats[pid]
+            s.allocations.append(n)
+            del s.allocations[:-ALLOCATION_HISTORY]
+            s.last_wave = self.counters.waves_allocated
         self.counters.waves_allocated += 1
+
+    def _skipping_wave_ids(self) -> list[str]:
+        """Up to wave_size prompts of the epoch that the skip rule lets in (ALGORITHM §8), never none.
+
+        The wave ends with its epoch, as without skipping. If a whole epoch was skipped, its first wave_size
+        prompts are leased anyway (counted as forced): the pool never starves."""
+        size = self.cfg.buffer.wave_size
+        while True:
+            ids = []
+            while len(ids) < size and self.epoch_pos < len(self.epoch_order):
+                pid = self.epoch_order[self.epoch_pos]
+                self.epoch_pos += 1
+                if self._enters_wave(pid):
+                    ids.append(pid)
+            self.skip.epoch_kept += len(ids)
+            if ids:
+                return ids
+            if self.skip.epoch_kept == 0:
+                forced = self.epoch_order[:size]
+                self.counters.prompts_forced += len(forced)
+                return forced
+            self._start_epoch()
+
+    def _enters_wave(self, pid: str) -> bool:
+        """Draw the skip decision for one prompt of the epoch and record it."""
+        s = self.stats[pid]
+        if s.zero_variance_streak == 0:
+            return True
+        q = skipping.explore_probability(self.skip.p_explore, s.zero_variance_streak, s.skips_in_row)
+        if q >= 1.0 or skipping.decision_draw(self.cfg.buffer.seed, self.epoch, pid) < q:
+            self.counters.prompts_revisited += 1
+            return True
+        s.skips_in_row += 1
+        s.skips += 1
+        self.counters.prompts_skipped += 1
+        return False
 
     def allocate(self, prompt_ids: list[str]) -> list[int]:
         """n_i for a wave (SPEC §1) from the stats the refresh policy says to use."""
@@ -470,6 +534,7 @@ class BufferState:
 
     def _start_epoch(self) -> None:
         self.epoch += 1
+        self.skip.epoch_kept = 0
         self.epoch_order = self._shuffled(self.epoch)
         self.epoch_pos = 0
         self.epoch_stats = {pid: (s.samples, s.correct) for pid, s in self.stats.items()}
@@ -523,6 +588,7 @@ class BufferState:
         zero_variance = max(rewards) == min(rewards)
         all_correct = zero_variance and all(s.correct for s in group.samples)
         self._track_yield(not zero_variance, len(group.samples), all_correct)
+        self._track_streak(group.prompt_id, zero_variance)
         if self.cfg.algo.drop_zero_variance_groups and zero_variance:
             self.counters.groups_zero_variance += 1
             return SubmitAck(accepted=True, queued=False, note="zero_variance")
@@ -545,6 +611,20 @@ class BufferState:
         elif self.low_yield_warning and not warning:
             log.info("yield recovered: %.0f%% of recent groups have reward variance", 100 * self.informative_yield())
         self.low_yield_warning = warning
+
+    def _track_streak(self, pid: str, zero_variance: bool) -> None:
+        """Per-prompt zero-variance streak (kept with skipping off too, so turning it on has history) and, with
+        skipping on, one step of the adaptive p_explore toward the target yield."""
+        s = self.stats[pid]
+        if not zero_variance and s.zero_variance_streak > 0:
+            self.counters.revisits_informative += 1
+        s.zero_variance_streak = s.zero_variance_streak + 1 if zero_variance else 0
+        s.skips_in_row = 0
+        algo = self.cfg.algo
+        if algo.prompt_skipping:
+            self.skip.p_explore = skipping.updated_explore(self.skip.p_explore, not zero_variance,
+                                                           algo.skip_target_yield, algo.skip_rate_step,
+                                                           algo.skip_explore_min, algo.skip_explore_max)
 
     def _add_to_yield(self, entry: tuple[int, int, int], sign: int) -> None:
         informative, samples, all_correct = entry
@@ -621,6 +701,9 @@ class BufferState:
             informative_sample_yield=self.informative_sample_yield(),
             low_yield_warning=self.low_yield_warning,
             incarnation=self.incarnation,
+            prompt_skipping=self.cfg.algo.prompt_skipping,
+            skip_explore_probability=self.skip.p_explore,
+            skip_probability=1.0 - self.skip.p_explore if self.cfg.algo.prompt_skipping else 0.0,
         )
         return out
 
@@ -645,9 +728,20 @@ class BufferState:
                 "last_n": s.allocations[-1] if s.allocations else 0,
                 "allocations": list(s.allocations),
                 "leases": s.leases,
+                "zero_variance_streak": s.zero_variance_streak,
+                "skips_in_row": s.skips_in_row,
+                "skips": s.skips,
+                "waves_since_seen": self.counters.waves_allocated - s.last_wave if s.last_wave >= 0 else None,
+                "skip_probability": self.prompt_skip_probability(s),
             })
         rows.sort(key=lambda r: (-r["priority"], r["prompt_id"]))
         return rows[:top] if top > 0 else rows
+
+    def prompt_skip_probability(self, s: PromptStats) -> float:
+        """Chance that the prompt is skipped the next time its epoch reaches it (0 with skipping off)."""
+        if not self.cfg.algo.prompt_skipping:
+            return 0.0
+        return 1.0 - skipping.explore_probability(self.skip.p_explore, s.zero_variance_streak, s.skips_in_row)
 
     def inspect(self, what: str, top: int, now: float) -> Any:
         if what == "prompts":
@@ -679,6 +773,7 @@ class BufferState:
             epoch_pos=self.epoch_pos, pending=in_flight + list(self.pending), stats=dict(self.stats),
             epoch_stats=dict(self.epoch_stats), counters=self.counters, queue=list(self.queue), retired=retired,
             next_lease_id=self.next_lease_id, next_arrival=self.next_arrival, incarnation=self.incarnation,
+            skip=msgspec.structs.replace(self.skip),
         )
 
     @classmethod
@@ -688,8 +783,9 @@ class BufferState:
 
         The restored state is a new incarnation: its lease ids differ from every id the snapshot's buffer (or any
         earlier restore of it that was persisted) could have handed out."""
-        if snap.format != SNAPSHOT_FORMAT:
-            raise SnapshotError(f"snapshot: format {snap.format} is not supported (expected {SNAPSHOT_FORMAT})")
+        if snap.format not in SNAPSHOT_FORMATS_READ:
+            raise SnapshotError(f"snapshot: format {snap.format} is not supported (expected one of "
+                                f"{list(SNAPSHOT_FORMATS_READ)})")
         if not 1 <= snap.incarnation < MAX_INCARNATION:
             raise SnapshotError(f"snapshot: incarnation {snap.incarnation} is out of range")
         cfg = cfg or config_from_dict(json.loads(snap.config_json))
@@ -710,6 +806,10 @@ class BufferState:
         state.incarnation = snap.incarnation + 1
         state.next_lease_id = 1
         state.next_arrival = snap.next_arrival
+        if snap.skip is not None:
+            algo = state.cfg.algo  # a resume may have changed the bounds
+            p = min(algo.skip_explore_max, max(algo.skip_explore_min, snap.skip.p_explore))
+            state.skip = SkipController(p_explore=p, epoch_kept=snap.skip.epoch_kept)
         return state
 
 
@@ -768,8 +868,9 @@ def decode_snapshot(data: bytes, source: str = "snapshot") -> Snapshot:
     magic, fmt, length, digest = _SNAPSHOT_HEADER.unpack_from(data)
     if magic != SNAPSHOT_MAGIC:
         raise SnapshotError(f"{source}: not a buffer snapshot of this version (no snapshot header)")
-    if fmt != SNAPSHOT_FORMAT:
-        raise SnapshotError(f"{source}: snapshot format {fmt} is not supported (expected {SNAPSHOT_FORMAT})")
+    if fmt not in SNAPSHOT_FORMATS_READ:
+        raise SnapshotError(f"{source}: snapshot format {fmt} is not supported (expected one of "
+                            f"{list(SNAPSHOT_FORMATS_READ)})")
     payload = memoryview(data)[_SNAPSHOT_HEADER.size:]
     if len(payload) != length:
         raise SnapshotError(f"{source}: payload is {len(payload)} bytes, the header says {length} (truncated file)")

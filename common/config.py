@@ -69,6 +69,20 @@ class AlgorithmConfig:
     """`continuous`: recompute priorities at each allocation; `epoch`: only at epoch ends (paper parity)."""
     stats_half_life: float = 0.0
     """Exponential forgetting of per-prompt (G, k), half-life in responses; 0 disables forgetting."""
+    prompt_skipping: bool = False
+    """Skip prompts before rollout when their recent groups all had zero reward variance (ALGORITHM §8): a prompt
+    with z zero-variance groups in a row and s skips since its last rollout enters a wave with probability
+    p_explore^max(0, z - s). Off by default: no accuracy benchmark has been run with it on."""
+    skip_target_yield: float = 0.75
+    """Informative yield (groups with reward variance / generated groups) that the adaptive p_explore steers to."""
+    skip_explore_init: float = 0.5
+    """Starting p_explore, the chance that a prompt after one zero-variance group is rolled out anyway."""
+    skip_explore_min: float = 0.05
+    """Lower bound of p_explore (how hard skipping may get)."""
+    skip_explore_max: float = 1.0
+    """Upper bound of p_explore (1 lets the controller switch skipping off entirely while the yield is high)."""
+    skip_rate_step: float = 0.02
+    """Controller gain: each generated group moves p_explore by skip_rate_step * (informative - target)."""
 
     std_normalize: bool = True
     """Divide group-centred rewards by the group std (GRPO); False gives Dr. GRPO."""
@@ -125,6 +139,14 @@ class AlgorithmConfig:
         _check(0.0 < self.mastery <= 1.0, "algo.mastery", f"must be in (0, 1], got {self.mastery}")
         _check(0.0 < self.priority_floor < 1.0, "algo.priority_floor", "must be in (0, 1)")
         _check(self.stats_half_life >= 0, "algo.stats_half_life", "must be >= 0")
+        _check(0.0 < self.skip_target_yield <= 1.0, "algo.skip_target_yield",
+               f"must be in (0, 1], got {self.skip_target_yield}")
+        _check(0.0 < self.skip_explore_min <= self.skip_explore_max <= 1.0, "algo.skip_explore_min",
+               f"need 0 < skip_explore_min <= skip_explore_max <= 1, got {self.skip_explore_min}, "
+               f"{self.skip_explore_max}")
+        _check(self.skip_explore_min <= self.skip_explore_init <= self.skip_explore_max, "algo.skip_explore_init",
+               f"must lie in [skip_explore_min, skip_explore_max], got {self.skip_explore_init}")
+        _check(0.0 < self.skip_rate_step <= 1.0, "algo.skip_rate_step", f"must be in (0, 1], got {self.skip_rate_step}")
         _check(0.0 <= self.adora_lambda <= 1.0, "algo.adora_lambda", "must be in [0, 1]")
         _check(self.truncation_length >= 0, "algo.truncation_length", "must be >= 0")
         _check(self.comp_alpha >= 0, "algo.comp_alpha", "must be >= 0")
