@@ -209,6 +209,13 @@ def hub_offline() -> bool:
 
 def _hub_snapshot(name: str) -> Path:
     """Local snapshot of hub model `name`: the cache offline, else downloaded once per host (see module doc)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except ValueError as exc:
+        raise ModelError(f"model {name!r}: not 'smollm2', 'tiny', a local directory or a valid hub id "
+                         f"({str(exc).splitlines()[0]})") from None
     cache = hub_cache_dir()
     if hub_offline():
         return _hub_call(name, cache, local_files_only=True)

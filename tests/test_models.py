@@ -169,3 +169,12 @@ def test_two_processes_of_a_host_download_once(tmp_path):
     assert [line.split()[0] for line in calls.read_text().splitlines()] == ["download"]
     stderr = "".join(err for _, err in outs)
     assert stderr.count("downloading into") == 1 and stderr.count("is downloading it; waiting") == 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["not a model", "../../x", "a\x00b"])
+def test_a_name_that_is_neither_a_directory_nor_a_hub_id_is_refused_before_any_cache_file(online_hub, tmp_path,
+                                                                                          name):
+    with pytest.raises(ModelError, match="a local directory or a valid hub id"):
+        resolve_model_path(name, tmp_path / "dynamo")
+    assert online_hub.read_text() == "" and not (tmp_path / "hub").exists()  # no lock file, no hub call
