@@ -340,7 +340,14 @@ def _build_engine(cfg: Any, index: int, run_dir: Path | None) -> tuple[Any, Any]
     from actor.engines.hf import HFEngine
     from actor.weight_receiver import WeightReceiver
 
-    engine = HFEngine.from_config(cfg, seed=cfg.run.seed * 1000 + index)
+    import torch
+
+    from common.config import with_overrides
+    from common.layout import hf_engine_device
+
+    # This actor's GPU from the layout (an HF engine may share the learner's: weights arrive over gloo)
+    on_device = with_overrides(cfg, actor={"device": hf_engine_device(cfg, index, torch.cuda.is_available())})
+    engine = HFEngine.from_config(on_device, seed=cfg.run.seed * 1000 + index)
     receiver = WeightReceiver(cfg.learner, 1 + index, engine.state_dict_template(), engine.device)
     return engine, receiver.start()
 

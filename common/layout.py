@@ -197,3 +197,21 @@ def narrowed_env(gpu_ids: tuple[int, ...], env: Mapping[str, str] | None = None)
             raise ConfigError(f"GPU {g} is not visible here (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})")
         names.append(visible[local] if visible is not None else str(local))
     return {"CUDA_VISIBLE_DEVICES": ",".join(names), GPU_IDS_ENV: ",".join(str(g) for g in gpu_ids)}
+
+
+def role_gpu_ids(cfg: Config, role: str, actor_index: int = 0) -> tuple[int, ...]:
+    """GPU ids a role started by the supervisor should see: the learner's, or actor `actor_index`'s engines'.
+    Empty when the layout does not place the role: a CPU device, an explicit `cuda:N`, or attached servers only."""
+    if role == "learner":
+        return () if cfg.learner.device == "cpu" or ":" in cfg.learner.device else plan_layout(cfg).learner_gpus
+    if cfg.actor.engine == "hf" and (cfg.actor.device == "cpu" or ":" in cfg.actor.device):
+        return ()
+    return plan_layout(cfg).actor_gpus(actor_index)
+
+
+def hf_engine_device(cfg: Config, actor_index: int, cuda_available: bool) -> str:
+    """Device of actor `actor_index`'s HF engine: its layout GPU when it runs on CUDA, else actor.device."""
+    device = cfg.actor.device
+    if device == "cpu" or ":" in device or (device == "auto" and not cuda_available):
+        return "cpu" if device == "auto" else device
+    return f"cuda:{cuda_index(plan_layout(cfg).actor_gpus(actor_index)[0])}"

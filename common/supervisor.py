@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.config import Config
+from common.layout import narrowed_env, role_gpu_ids
 from common.processes import RoleProcess
 
 BUFFER_READY_TIMEOUT_S = 120.0
@@ -22,6 +23,11 @@ BUFFER_READY_TIMEOUT_S = 120.0
 
 def _print_flushed(message: str) -> None:
     print(message, flush=True)
+
+
+def _gpu_env(gpu_ids: tuple[int, ...]) -> dict[str, str]:
+    """A role sees only its own GPUs (common/layout.py; the layout refuses overlapping NCCL ranks here, at start)."""
+    return narrowed_env(gpu_ids) if gpu_ids else {}
 
 
 class RoleFailed(RuntimeError):
@@ -39,9 +45,11 @@ class Supervisor:
         logs = run_dir / "logs"
         self.buffer = RoleProcess("buffer", "buffer.server", common, logs / "buffer.log")
         learner_args = common + (["--resume"] if cfg.run.resume else [])
-        self.learner = RoleProcess("learner", "learner.train", learner_args, logs / "learner.log")
+        self.learner = RoleProcess("learner", "learner.train", learner_args, logs / "learner.log",
+                                   env=_gpu_env(role_gpu_ids(cfg, "learner")))
         self.actors = [
-            RoleProcess(f"actor{i}", "actor.worker", common + ["--actor-index", str(i)], logs / f"actor{i}.log")
+            RoleProcess(f"actor{i}", "actor.worker", common + ["--actor-index", str(i)], logs / f"actor{i}.log",
+                        env=_gpu_env(role_gpu_ids(cfg, "actor", i)))
             for i in range(cfg.actor.num_actors)
         ]
         self._client: Any = None

@@ -138,3 +138,44 @@ def test_learner_sizes_the_weight_group_from_the_layout():
         assert sender.world_size == 5 and sender.layout == "per_tensor"
     finally:
         sender.close()
+
+
+def test_launched_server_sees_only_its_gpus_and_starts_at_the_first(monkeypatch):
+    from actor.engines.sglang import server_command
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("DYNAMO_GPU_IDS", raising=False)
+    argv, env = server_command("/m", port=1, tp_size=2, dtype="bfloat16", seed=0, gpu_ids=(3, 4))
+    assert argv[argv.index("--base-gpu-id") + 1] == "0" and argv[argv.index("--tp-size") + 1] == "2"
+    assert env["CUDA_VISIBLE_DEVICES"] == "3,4"
+
+
+def test_supervisor_gives_each_role_its_gpus_and_refuses_a_bad_layout(monkeypatch, tmp_path):
+    # 2 launched SGLang engines of tp 2: learner sees GPU 0, actor 0 GPUs 1,2, actor 1 GPUs 3,4
+    from common.supervisor import Supervisor
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("DYNAMO_GPU_IDS", raising=False)
+    sup = Supervisor(sglang_cfg(num_actors=2, sglang_tp_size=2), tmp_path)
+    assert sup.learner.env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert [a.env["CUDA_VISIBLE_DEVICES"] for a in sup.actors] == ["1,2", "3,4"]
+    assert sup.actors[1].env["DYNAMO_GPU_IDS"] == "3,4"
+    cpu = Supervisor(with_overrides(PRESETS["tiny"](), learner={"device": "cpu"}, actor={"device": "cpu"}), tmp_path)
+    assert "CUDA_VISIBLE_DEVICES" not in cpu.learner.env and "CUDA_VISIBLE_DEVICES" not in cpu.actors[0].env
+    with pytest.raises(ConfigError, match="NCCL cannot place"):
+        Supervisor(sglang_cfg(gpus=(0,)), tmp_path)
+
+
+def test_hf_engine_device_is_its_layout_gpu_in_the_roles_own_numbering():
+    from common.layout import hf_engine_device
+
+    two = with_overrides(PRESETS["tiny"](), actor={"num_actors": 2, "gpus": (2, 5)})
+    assert hf_engine_device(two, 1, cuda_available=True) == "cuda:5"
+    narrowed = {"CUDA_VISIBLE_DEVICES": "5", "DYNAMO_GPU_IDS": "5"}
+    monkey_env = pytest.MonkeyPatch()
+    with monkey_env.context() as m:
+        for k, v in narrowed.items():
+            m.setenv(k, v)
+        assert hf_engine_device(two, 1, cuda_available=True) == "cuda:0"
+    assert hf_engine_device(two, 1, cuda_available=False) == "cpu"
+    assert hf_engine_device(with_overrides(two, actor={"device": "cuda:3"}), 0, cuda_available=True) == "cuda:3"
