@@ -43,7 +43,6 @@ test in tests/test_sglang_engine.py, where sglang and CUDA are present.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
