@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU check: what this project can only test on a CUDA machine, in one script of at most ~8 minutes on one GPU.
+#
+#     bash scripts/gpu_wheels.sh          # on a machine with internet, once: wheels into .whl/
+#     bash scripts/gpu_check.sh           # on the GPU host, from the repository root (or anywhere: it cd's there)
+#
+# Needs python3 with torch (CUDA), transformers, accelerate and msgpack; the rest (pyzmq, msgspec, tyro, rich,
+# pytest) is installed from .whl/ into a temporary directory with `pip install --no-index` (no internet needed).
+# Checks, each ending in one `SUMMARY <check>: ok|FAIL ...` line:
+#   1. gpu tests     pytest -m gpu (the tests that skip without CUDA)
+#   2. tiny run      run_async.py --preset tiny, HF engine, learner and actor on GPU 0 (shared: gloo weight sync)
+#   3. throughput    scripts/learner_throughput.py: learner steps of a random Qwen2 0.5B-shaped model
+# Exit status: the number of failed checks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
+        || { echo "SUMMARY wheels: FAIL (pip install from .whl/)"; exit 9; }
+    export PYTHONPATH="$WORK/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+export DYNAMO_RL_CACHE="${DYNAMO_RL_CACHE:-$WORK/cache}"
+FAILED=0
+summary() {  # summary NAME STATUS DETAIL
+    echo "SUMMARY $1: $2 $3"
+    [ "$2" = ok ] || FAILED=$((FAILED + 1))
+}
+$PY -c "import torch; assert torch.cuda.is_available(); print('gpu:', torch.cuda.get_device_name(0), torch.__version__)" \
+    || { echo "SUMMARY cuda: FAIL (torch.cuda.is_available() is False)"; exit 9; }
+
+# 1. gpu-marked tests
+timeout 180 $PY -m pytest -m gpu -q -p no:cacheprovider tests > "$WORK/pytest.log" 2>&1
+code=$?
+tail -n 5 "$WORK/pytest.log"
+summary gpu_tests "$([ $code = 0 ] && echo ok || echo FAIL)" "($(tail -n 1 "$WORK/pytest.log"))"
+
+# 2. the tiny preset end to end, learner and HF actor on the GPU
+timeout 240 $PY run_async.py --preset tiny --run.runs-dir "$WORK/runs" --run.name tiny-gpu \
+    --learner.device cuda --actor.device cuda --learner.total-steps 20 --run.eval-every 10 \
+    > "$WORK/tiny.log" 2>&1
+code=$?
+tail -n 3 "$WORK/tiny.log"
+detail=$($PY - "$WORK/runs/tiny-gpu" <<'PYEOF'
+import json, sys
+from pathlib import Path
+rows = [json.loads(line) for line in Path(sys.argv[1], "metrics.jsonl").read_text().splitlines() if line.strip()]
+steps = [r for r in rows if "loss/policy" in r]
+last = steps[-1] if steps else {}
+value = lambda key: float("nan") if last.get(key) is None else last[key]
+print(f"steps={len(steps)} tokens_per_s={value('perf/tokens_per_s'):.0f} "
+      f"peak_memory_mb={value('perf/peak_memory_mb'):.0f} reward={value('reward/correct_fraction'):.3f}")
+PYEOF
+)
+summary tiny_run "$([ $code = 0 ] && [ -n "$detail" ] && echo ok || echo FAIL)" "(exit $code; $detail)"
+
+# 3. learner throughput of a 0.5B Qwen2-shaped model (bf16 autocast over float32 master weights)
+timeout 240 $PY scripts/learner_throughput.py --device cuda --size 0.5b --steps 3 > "$WORK/throughput.log" 2>&1
+code=$?
+line=$(grep '^learner_throughput' "$WORK/throughput.log" || tail -n 3 "$WORK/throughput.log")
+summary throughput "$([ $code = 0 ] && echo ok || echo FAIL)" "($line)"
+
+echo "logs: $WORK"
+exit $FAILED
