@@ -16,10 +16,14 @@ Order of operations in `train_step(state, batch, cfg)`:
 
 Dropout stays off (the model is in eval mode) so that pi_theta equals pi_prox at the start of a step.
 
-Data parallel (torchrun/accelerate, not run here): every rank gets the same batch (rank 0 fetches and broadcasts
-it, see learner/train.py), takes every world_size-th micro-batch of each mini-batch, divides by the global
-denominators, and the gradients are summed with one all-reduce per optimizer step; scope statistics are reduced
-with max/min. Metrics are rank 0's shard. FSDP for models that do not fit one GPU would replace the manual
+Precision: weights, gradients and AdamW state are float32; `learner.dtype` bfloat16 runs the forward passes
+under autocast (`compute_precision`).
+
+Data parallel (torchrun; run on gloo ranks on CPUs only): every rank gets the same batch (rank 0 fetches and
+broadcasts it, see learner/train.py), takes every world_size-th micro-batch of each mini-batch, divides by the
+global denominators, and the gradients are summed with one all-reduce per optimizer step; scope statistics are
+reduced with max/min. A rank with no micro-batch in a mini-batch still joins every collective (neutral statistics,
+zero gradients). Metrics are rank 0's shard. FSDP for models that do not fit one GPU would replace the manual
 all-reduce; it is not implemented.
 """
 

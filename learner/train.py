@@ -12,7 +12,7 @@ to come back (SIGTERM then exits 0); a restarted buffer is told the learner's ve
 (learner/buffer_link.py). `--resume` continues from <run_dir>/checkpoints with the same version numbering
 and first re-broadcasts the resumed weights so actors catch up.
 
-Data parallel under torchrun (WORLD_SIZE > 1; not run on this CPU-only machine): every rank builds the model,
+Data parallel under torchrun (WORLD_SIZE > 1; run on CPU gloo ranks only): every rank builds the model,
 global rank 0 alone talks to the buffer, broadcasts each batch (msgpack bytes) to the other ranks, owns the
 `WeightSender`, writes checkpoints and metrics; gradients are summed across ranks inside `learner.step`.
 """
