@@ -1,12 +1,12 @@
-"""Variance of the policy-gradient estimate under uniform, reference and neyman rollout allocation (issue 7, part 2).
+"""Variance of the policy-gradient estimate under uniform, reference and neyman rollout allocation.
 
-Model (SPEC §1). A step uses N prompts; prompt i gets n_i responses with correctness c_ij ~ Bernoulli(p_i), and the
-batch gradient is the mean over prompts of the per-prompt mean of per-sample gradient signals (c_ij − p_i)·u_i,
+Model (docs/ALGORITHM.md §1). A step uses N prompts; prompt i gets n_i responses, correctness c_ij ~ Bernoulli(p_i),
+and the batch gradient is the mean over prompts of the per-prompt mean of per-sample gradient signals (c_ij − p_i)·u_i,
 with u_i a unit gradient direction. The per-sample variance is σ_i² = p_i(1 − p_i), so
 
     Var(batch gradient) = (1/N²) Σ_i σ_i² / n_i.
 
-This is the quantity SPEC §1 minimises under Σ n_i = B (its minimiser is n_i ∝ σ_i, Neyman); the constant 1/N²
+docs/ALGORITHM.md §1 minimises this quantity under Σ n_i = B (its minimiser is n_i ∝ σ_i, Neyman); the constant 1/N²
 cancels in every ratio reported, so the script computes V(n) = Σ_i p_i(1 − p_i) / n_i and reports V/V_uniform.
 Allocations come from `buffer.allocation.allocate_rollouts` driven by `prompt_priority` of a simulated history
 (G draws of Bernoulli(p_i) per prompt), so the numbers include the estimation error of the priorities; the "oracle"
@@ -98,7 +98,7 @@ def allocation_for(method: str, p: np.ndarray, history: int, rng: np.random.Gene
         counts = [history] * len(p)
         priorities = [prompt_priority(history, int(k)) for k in rng.binomial(history, p)]
         mode = method
-    # initial_budget = n_min: a history of >= n_min responses needs no exploration top-up (SPEC §1 step 2).
+    # initial_budget = n_min: a history of >= n_min responses needs no exploration top-up (ALGORITHM.md §1 step 2).
     return np.array(allocate_rollouts(counts, priorities, budget, n_min, n_max, n_min, mode=mode))
 
 

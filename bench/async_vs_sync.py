@@ -1,4 +1,4 @@
-"""Async vs sync on the real system (issue 7, item 1): the same preset, thread budget and learner steps with
+"""Async vs sync on the real system: the same preset, thread budget and learner steps with
 algo.max_staleness = 0 (sync) and 2, 4 (async), over several seeds, against the ideal pipeline bound.
 
     python bench/async_vs_sync.py --preset tiny --seeds 0 1 2 --runs-dir runs/avs   # 9 runs, ~10-20 min on 2 cores

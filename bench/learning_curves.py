@@ -1,4 +1,4 @@
-"""Learning efficiency at an equal generated-sample budget (issue 7, item 3): GRPO, +allocation, +modulation, full
+"""Learning efficiency at an equal generated-sample budget: GRPO, +allocation, +modulation, full
 DynaMO, ADORA and DynaMO+ADORA, all async with max_staleness 2, several seeds each.
 
     python bench/learning_curves.py --preset tiny --seeds 0 1 2 --runs-dir runs/lc   # 18 runs, ~15-25 min, 2 cores

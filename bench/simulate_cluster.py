@@ -1,8 +1,8 @@
-"""Discrete-event simulation of the asynchronous RLVR system at GPU-cluster scale (issue 7, part 1).
+"""Discrete-event simulation of the asynchronous RLVR system at GPU-cluster scale.
 
 What it models: K inference engines with continuous batching (`slots_per_engine` concurrent sequences each), one
-learner, and the buffer's admission control of SPEC §5. Each lease is one group of `samples_per_group` responses
-whose lengths are drawn from a capped lognormal (long tail). The learner trains on `groups_per_step` groups at
+learner, and the buffer's admission control (docs/ALGORITHM.md §5). A lease is one group of `samples_per_group`
+responses whose lengths are drawn from a capped lognormal (long tail). The learner trains on `groups_per_step` groups at
 `learner_tokens_per_s`, then broadcasts weights for `sync_time_s` (engines pause meanwhile), then the policy version
 goes up. A lease is granted only while served + queued + in_flight + 1 <= (version + max_staleness + 1) ×
 groups_per_step; the learner takes the oldest queued groups first and drops (counts) any whose staleness exceeds
@@ -70,7 +70,7 @@ class SimConfig:
     max_new_tokens: int = 8_192
     """Cap on response length (a truncated response has exactly this many tokens)."""
     max_staleness: int = 4
-    """SPEC §5 bound; 0 = synchronous on-policy."""
+    """docs/ALGORITHM.md §5 bound; 0 = synchronous on-policy."""
     steps: int = 30
     """Learner steps to simulate."""
     seed: int = 0
@@ -185,7 +185,7 @@ def _reschedule(sim: _Sim, e: int, now: float) -> None:
 
 
 def _try_lease(sim: _Sim) -> _Group | None:
-    """SPEC §5 admission control: grant one group only if the count stays within the staleness window."""
+    """docs/ALGORITHM.md §5 admission control: grant one group only if the count stays within the staleness window."""
     cfg = sim.cfg
     limit = (sim.version + cfg.max_staleness + 1) * cfg.groups_per_step
     if sim.served + len(sim.queue) + sim.in_flight + 1 > limit:
@@ -367,7 +367,7 @@ def ideal_cpu_ratio(args: ValidateArgs) -> float:
     """Ideal async/sync ratio when both phases share the same cores.
 
     Sync runs each stage with all cores one after the other; async runs them side by side, each on its share, so a
-    step costs the slower stage. The weight sync stalls both in either mode. With sync_time 0 this is the issue's
+    step costs the slower stage. The weight sync stalls both in either mode. With sync_time 0 this is the ideal ratio
     ((gen + train) with all cores) / (slower stage with its share of cores).
     """
     gen_share, train_share = share_times(args)
@@ -443,7 +443,7 @@ def areal_like(steps: int) -> ClusterScenario:
 
 
 def verl_like(steps: int) -> ClusterScenario:
-    """The DynaMO paper's setting (SPEC §6) for a 7B math model on 32 GPUs, verl sync vs one-step-off async."""
+    """The DynaMO paper's setting (docs/ALGORITHM.md §6), 7B math model on 32 GPUs, verl sync vs one-step-off async."""
     base = SimConfig(slots_per_engine=256, groups_per_step=512, samples_per_group=16, prompt_tokens=512,
                      median_tokens=700, length_sigma=0.6, max_new_tokens=3072, sync_time_s=15.0, steps=steps)
     return ClusterScenario("verl_like_7b_32gpu", gpus=32, gpus_per_engine=1, gen_tokens_per_s_per_gpu=8_000,

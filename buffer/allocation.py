@@ -1,4 +1,4 @@
-"""Variance-minimising rollout allocation (SPEC §1, DynaMO): how many responses each prompt of a wave gets.
+"""Variance-minimising rollout allocation (DynaMO, docs/ALGORITHM.md §1): responses per prompt of a wave.
 
 The buffer keeps, per prompt id, G = responses scored and k = correct ones. `prompt_priority` turns (G, k) into the
 Bernoulli variance of correctness (the proxy for how informative more samples of that prompt are), and
@@ -21,7 +21,7 @@ _TIE_BREAK = 1e-6
 
 def prompt_priority(sample_count: float, correct_count: float, *, min_history: int = 4, mastery: float = 0.85,
                     floor: float = 0.01) -> float:
-    """Priority of one prompt from its scored history (SPEC §1).
+    """Priority of one prompt from its scored history (docs/ALGORITHM.md §1).
 
     Counts may be fractional when the buffer applies exponential forgetting to (G, k).
     Returns -1 ("unknown") below `min_history` responses; `floor` for a mastered prompt
@@ -70,7 +70,7 @@ def _uniform(sample_counts: list[float], priorities: list[float], budget: int, n
 
 
 def _water_filling_mode(weight: Callable[[float], float]):
-    """The SPEC §1 procedure (steps 2-5) on weight(priority); the weight decides reference vs neyman."""
+    """The docs/ALGORITHM.md §1 procedure (steps 2-5) on weight(priority); the weight decides reference vs neyman."""
 
     def allocate(sample_counts: list[float], priorities: list[float], budget: int, n_min: int, n_max: int,
                  initial_budget: int) -> list[int]:

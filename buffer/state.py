@@ -10,7 +10,7 @@ wave (n_i from `allocate_rollouts`) -> `pending` -> leased (in flight) ->
 submitted group -> queue -> served to the learner (or dropped: zero variance / too stale). An expired or released
 lease puts its prompts back at the front of `pending` with the n they were allocated.
 
-Admission control (SPEC §5): a lease of m prompts fits only if
+Admission control (docs/ALGORITHM.md §5): a lease of m prompts fits only if
     served + queued + in_flight + m <= (policy_version + max_staleness + 1) * groups_per_step,
 where `served` counts only groups handed to the learner (dropped groups free their slot, or the learner starves).
 
@@ -255,7 +255,7 @@ class BufferState:
         return sum(len(lease.open) for lease in self.leases.values())
 
     def admission_room(self) -> int:
-        """Prompts that may still be leased before some group could exceed max_staleness (SPEC §5)."""
+        """Prompts that may still be leased before some group could exceed max_staleness (docs/ALGORITHM.md §5)."""
         limit = (self.policy_version + self.cfg.algo.max_staleness + 1) * self.cfg.learner.groups_per_step
         served = self.counters.groups_served - self.counters.groups_served_discarded
         return limit - (served + len(self.queue) + self.in_flight)
@@ -504,7 +504,7 @@ class BufferState:
         return False
 
     def allocate(self, prompt_ids: list[str]) -> list[int]:
-        """n_i for a wave (SPEC §1) from the stats the refresh policy says to use."""
+        """n_i for a wave (docs/ALGORITHM.md §1) from the stats the refresh policy says to use."""
         algo = self.cfg.algo
         alloc = _allocation_module()
         counts, priorities = [], []

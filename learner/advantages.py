@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC §2): GRPO / Dr. GRPO baselines and ADORA group weights.
+"""Group-relative advantages (docs/ALGORITHM.md §2): GRPO / Dr. GRPO baselines and ADORA group weights.
 
 A batch holds S responses laid out group after group; `group_sizes` gives the length of each group in order
 (sizes vary once the allocator hands out different n_i). Everything is vectorised with segment sums, so the cost

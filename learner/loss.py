@@ -1,4 +1,4 @@
-"""Off-policy corrected PPO loss (SPEC §4): decoupled ratio, dual clip, truncated/masked importance weights.
+"""Off-policy corrected PPO loss (docs/ALGORITHM.md §4): decoupled ratio, dual clip, truncated/masked IS weights.
 
 Tensors are [B, T] with a boolean `mask` of valid (response) tokens. Three log-probs per token: `logp` of the
 current weights (with grad), `prox_logp` of the weights at the start of the optimizer step, and `behav_logp` from

@@ -1,4 +1,4 @@
-"""Token-level advantage modulation (SPEC §3, DynaMO): A_final = A * beta_comp * beta_stab, computed without grad.
+"""Token-level advantage modulation (DynaMO, docs/ALGORITHM.md §3): A_final = A * beta_comp * beta_stab, no grad.
 
 Tensors are [B, T] with a boolean `mask` of valid (response) tokens; only valid tokens count towards the scope
 statistics (H_max, H_min, max Xi), and invalid positions get factor 1. The scope is the tokens passed in. To use a

@@ -1,4 +1,4 @@
-"""Group advantages and ADORA weights (SPEC §2), worked by hand."""
+"""Group advantages and ADORA weights (docs/ALGORITHM.md §2), worked by hand."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Rollout allocation (SPEC §1): priorities worked by hand, the issue's worked example, invariants by hypothesis."""
+"""Rollout allocation (docs/ALGORITHM.md §1): priorities worked by hand, a worked example, invariants by hypothesis."""
 
 import math
 
@@ -53,7 +53,7 @@ def test_priority_rejects_impossible_history():
         prompt_priority(4, 1, min_history=1)
 
 
-# ---- the issue's worked example --------------------------------------------------------------------------------
+# ---- a worked example --------------------------------------------------------------------------------------
 
 def test_worked_example_from_issue():
     # Priorities (G=16): k=0,0,14,15,16,16 -> floor 0.01; k=1..12 -> k(16-k)/240 (+ tie-break).

@@ -1,4 +1,4 @@
-"""Policy loss (SPEC §4) worked by hand, importance weights, aggregation, micro-batch invariance, and a 2-group
+"""Policy loss (docs/ALGORITHM.md §4) by hand, importance weights, aggregation, micro-batch invariance, and a 2-group
 example flowing through advantages -> modulation -> loss."""
 
 import math

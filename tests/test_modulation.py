@@ -1,4 +1,4 @@
-"""Token-level modulation (SPEC §3): chunked log-prob/entropy/expectation, beta_comp, beta_stab, scopes."""
+"""Token-level modulation (docs/ALGORITHM.md §3): chunked logp/entropy/expectation, beta_comp, beta_stab, scopes."""
 
 import math
 from dataclasses import replace
