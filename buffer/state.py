@@ -349,7 +349,7 @@ class BufferState:
         served = []
         for _ in range(n_groups):
             q = self.queue.popleft()
-            staleness = self.policy_version - q.min_version
+            staleness = max(0, self.policy_version - q.min_version)  # a group of the version being reported: 0
             _bump(self.counters.staleness_hist, staleness)
             served.append(ServedGroup(group=q.group, staleness=staleness, arrival=q.arrival))
         self.counters.groups_served += n_groups
@@ -569,10 +569,13 @@ class BufferState:
             group.prompt_array()
         except WireError as exc:
             raise Rejection("invalid_prompt_tokens", str(exc)) from None
-        min_version = _fast_min_version(group, self.policy_version)
+        # The learner broadcasts V before it reports V, so an engine may generate with V while the buffer still
+        # has V - 1: tokens one version ahead are legitimate, anything newer is not.
+        newest = self.policy_version + 1
+        min_version = _fast_min_version(group, newest)
         if min_version is _INVALID:
             for i, sample in enumerate(group.samples):
-                problem = validate_sample(sample, self.policy_version)
+                problem = validate_sample(sample, newest)
                 if problem is not None:
                     field_name = problem.split(":", 1)[0].rsplit(".", 1)[-1]
                     raise Rejection(f"invalid_{field_name}", f"group.samples[{i}]: {problem}")

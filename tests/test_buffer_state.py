@@ -252,10 +252,26 @@ def test_nan_logprobs_and_future_versions_are_rejected():
         state.submit(grant.lease_id, g, now=0.0)
     assert err.value.code == "invalid_logprobs"
     g = make_group(grant.items[0].prompt_id, [True, False])
-    g.samples[0].versions = np.array([0, 0, 1], dtype=VERSION_DTYPE).tobytes()  # policy_version is 0
+    g.samples[0].versions = np.array([0, 0, 2], dtype=VERSION_DTYPE).tobytes()  # policy_version is 0
     with pytest.raises(Rejection) as err:
         state.submit(grant.lease_id, g, now=0.0)
     assert err.value.code == "invalid_versions"
+
+
+def test_tokens_of_the_version_being_broadcast_are_accepted_before_its_report():
+    """The learner broadcasts V, then reports V: between the two an engine may already generate with V.
+
+    With the buffer at version 0, a group whose tokens carry version 1 (installed, not yet reported) is accepted;
+    its staleness at the next fetch, once the learner reported 1, is 1 - 1 = 0."""
+    state = BufferState(make_cfg(), make_prompts(8))
+    grant = state.lease("a0", 1, now=0.0)
+    ack = state.submit(grant.lease_id, make_group(grant.items[0].prompt_id, mixed(2), version=1), now=0.0)
+    assert ack.accepted and ack.queued
+    state.report_version(1)
+    batch = state.fetch(1)
+    assert [g.group.prompt_id for g in batch.groups] == [grant.items[0].prompt_id]
+    assert [g.staleness for g in batch.groups] == [0]
+    assert invariant_holds(state)
 
 
 def test_unknown_lease_and_version_regression():
