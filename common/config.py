@@ -267,6 +267,8 @@ class BufferConfig:
     """For clients (actors, learner, supervisor) of a CURVE buffer: the server's public key file."""
     curve_client_secret_key_file: str = ""
     """For clients of a CURVE buffer: this client's secret key file (from `python -m buffer.keys`)."""
+    max_restarts: int = 3
+    """Times run_async.py restarts a dead buffer from its last snapshot before stopping the run."""
     insecure: bool = False
     """Allow binding a non-loopback address without CURVE (anyone who can reach the port can then lease, submit
     and read the run). run_async.py generates CURVE keys into the run directory for such addresses instead."""
@@ -280,8 +282,6 @@ class BufferConfig:
     """Recent generated groups over which the informative yield (groups with reward variance) is measured."""
     low_yield_threshold: float = 0.1
     """Informative yield below which, over a full window, the buffer warns (stats low_yield_warning, and the log)."""
-    max_restarts: int = 3
-    """Times run_async.py restarts a dead buffer from its last snapshot before stopping the run."""
 
     def __post_init__(self) -> None:
         _check(self.max_restarts >= 0, "buffer.max_restarts", "must be >= 0")
@@ -370,6 +370,11 @@ class LearnerConfig:
     """Optimizer steps per batch (PPO-style); >1 makes pi_prox differ from pi_theta."""
     micro_batch_tokens: int = 4096
     """Token budget (padded sequence length x rows) of one forward/backward micro-batch."""
+    loss_chunk_tokens: int = 0
+    """Response positions per chunk of the loss head (learner/loss_head.py): the LM head projection, log-probs,
+    entropy and E_pi[pi * Lambda] are computed this many tokens at a time and recomputed in backward, so the
+    head's extra memory is O(chunk x vocabulary) instead of O(micro-batch tokens x vocabulary); 1024 suits
+    large vocabularies. 0: project the whole micro-batch at once (the [B, R, V] logits are materialised)."""
     total_steps: int = 40
     """Learner steps in the run."""
     lr: float = 2e-5
@@ -410,11 +415,6 @@ class LearnerConfig:
     buffer_timeout_s: float = 10.0
     """Seconds the learner waits for one buffer reply (beyond a long poll's hold) before resending it; after
     three silent attempts the buffer counts as lost: the learner checkpoints and waits for it to come back."""
-    loss_chunk_tokens: int = 0
-    """Response positions per chunk of the loss head (learner/loss_head.py): the LM head projection, log-probs,
-    entropy and E_pi[pi * Lambda] are computed this many tokens at a time and recomputed in backward, so the
-    head's extra memory is O(chunk x vocabulary) instead of O(micro-batch tokens x vocabulary); 1024 suits
-    large vocabularies. 0: project the whole micro-batch at once (the [B, R, V] logits are materialised)."""
 
     def __post_init__(self) -> None:
         _check(0 < self.buffer_timeout_s <= 3600, "learner.buffer_timeout_s",

@@ -201,10 +201,6 @@ def minibatch_scope_stats(policy: nn.Module, micro_batches: list[MicroBatch], cf
         device = next(policy.parameters()).device
         inf = torch.tensor(math.inf, device=device)
         parts.append(ScopeStats(entropy_max=-inf, entropy_min=inf.clone(), xi_max=-inf))
-    if not parts:  # a rank with no micro-batch of this mini-batch still joins the reductions below
-        device = next(policy.parameters()).device
-        inf = torch.tensor(math.inf, device=device)
-        parts.append(ScopeStats(entropy_max=-inf, entropy_min=inf.clone(), xi_max=-inf))
     stats = merge_scope_stats(parts)
     if _world()[1] > 1:
         for value, op in ((stats.entropy_max, dist.ReduceOp.MAX), (stats.entropy_min, dist.ReduceOp.MIN),
