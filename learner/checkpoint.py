@@ -1,11 +1,28 @@
-"""Atomic learner checkpoints under <run_dir>/checkpoints/step_<version>/.
+"""Atomic learner checkpoints under <run_dir>/checkpoints/step_<version>/, resumable at any number of ranks.
 
-Each checkpoint holds `model.safetensors` (weights; tied tensors stored once), `trainer.pt` (optimizer, scheduler,
-version and RNG states: tensors, numbers and plain containers only, so it loads with
-`torch.load(weights_only=True)`), and `meta.json`. It is written into a hidden temporary directory, flushed to
-disk, and renamed into place with `os.replace`, so a directory named `step_*` is always complete: a crash
-mid-write leaves a `.tmp-*` directory that is ignored (and removed by the next save), and the previous checkpoint
-stays the latest. Older checkpoints are deleted only after the new one is in place (the newest `keep` stay).
+Each checkpoint holds `trainer/` (the model weights and the AdamW state, written with torch.distributed.checkpoint
+(DCP) from `get_state_dict`: one `.distcp` file per writing rank plus `.metadata`), `trainer.pt` (scheduler,
+version and RNG states: tensors, numbers and plain containers only, so it loads with `torch.load(weights_only=True)`)
+and `meta.json`. DCP records every tensor by name and index range, so any number of ranks can read what they hold
+whatever number of ranks wrote it, and the same code serves the replicated learner and an FSDP2-sharded one (whose
+`get_state_dict` returns DTensor shards). An optimizer that has taken no step is saved without state: DCP would
+otherwise create its moments with a zero step, and the resumed AdamW would count its first step as its second.
+
+Two ways to save. `collective=False` (the replicated learner: rank 0 alone, or a single process) writes without a
+process group. `collective=True` is called by every rank of the default group: each writes its share of the tensors
+(replicated tensors once), then rank 0 alone writes trainer.pt and renames. Loading is the same: `collective=True`
+when every rank loads together, `collective=False` when each process reads the full state on its own.
+
+The weights are not written a second time as safetensors: `learner.export` loads the model's part of `trainer/`
+straight into a model built from the run's base model (DCP reads a subset of keys without reading the AdamW
+state), so a checkpoint costs no extra disk, while `dcp_to_torch_save` would first copy everything, optimizer
+included, into one torch file. Checkpoints of the previous format (`model.safetensors` + `trainer.pt` holding the
+optimizer) still load, for resuming older runs.
+
+A checkpoint is written into a hidden temporary directory, flushed to disk and renamed into place with
+`os.replace`, so a directory named `step_*` is always complete: a crash mid-write leaves a `.tmp-*` directory that
+is ignored (and removed by the next save), and the previous checkpoint stays the latest. Older checkpoints are
+deleted only after the new one is in place (the newest `keep` stay).
 """
 
 from __future__ import annotations
@@ -16,12 +33,17 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_model
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, \
+    set_state_dict
 
 from learner.step import LearnerState
 
@@ -54,12 +76,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+TRAINER_DIR = "trainer"
+"""The DCP directory of a checkpoint: model weights under `model.`, AdamW state under `optimizer.`."""
+FORMAT = 2
+
+
 def _fsync_tree(path: Path) -> None:
-    """Flush the files of `path` and the directory entry itself (so a rename after it is durable)."""
+    """Flush the files of `path` and its sub-directories, and the directory entries (so a later rename is durable)."""
     for file in path.iterdir():
-        if file.is_file():
+        if file.is_dir():
+            _fsync_tree(file)
+        elif file.is_file():
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,30 +101,81 @@ def _fsync_tree(path: Path) -> None:
 
 
 def write_trainer_state(path: Path, state: LearnerState) -> None:
-    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                "version": state.version, "rng": rng_state()}, path)
+    """Scheduler, version and RNG states; the weights and the AdamW state are in the DCP directory."""
+    torch.save({"format": FORMAT, "optimizer_in_dcp": bool(state.optimizer.state),
+                "scheduler": state.scheduler.state_dict(), "version": state.version, "rng": rng_state()}, path)
 
 
-def save_checkpoint(run_dir: str | Path, state: LearnerState, keep: int = 2) -> Path:
-    """Write the checkpoint of `state.version` atomically; returns its directory."""
+def _dcp_state(state: LearnerState) -> dict[str, Any]:
+    """What DCP saves: the model and, once AdamW has taken a step, its state."""
+    if not state.optimizer.state:
+        return {"model": get_model_state_dict(state.model)}
+    model_state, optimizer_state = get_state_dict(state.model, state.optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _dcp(call: Any, state_dict: dict[str, Any], path: Path, collective: bool) -> None:
+    """dcp.save or dcp.load; without `collective` DCP warns on every call that it runs in one process, which is
+    what was asked for here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        call(state_dict, checkpoint_id=path, no_dist=not collective)
+
+
+def _from_rank0(value: Any, collective: bool) -> Any:
+    if not collective:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_checkpoint(run_dir: str | Path, state: LearnerState, keep: int = 2, collective: bool = False) -> Path:
+    """Write the checkpoint of `state.version` atomically; returns its directory.
+
+    collective=True: every rank of the default process group calls this; each writes its share of the tensors into
+    rank 0's temporary directory, then rank 0 writes the rest and renames it into place."""
+    lead = not collective or dist.get_rank() == 0
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.version:08d}"
-    if final.exists():
+    tmp = None
+    if lead and not final.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".tmp-step_{state.version:08d}-{os.getpid()}"
+        tmp.mkdir()
+    tmp = _from_rank0(tmp, collective)
+    if tmp is None:
         return final  # the same version: identical weights and optimizer state are already on disk
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-step_{state.version:08d}-{os.getpid()}"
-    tmp.mkdir()
-    save_model(state.model, str(tmp / "model.safetensors"))
+    _dcp(dcp.save, _dcp_state(state), tmp / TRAINER_DIR, collective)
+    if not collective:
+        _complete(tmp, final, state, keep, writers=1)
+        return final
+    failure = None
+    if lead:
+        try:
+            _complete(tmp, final, state, keep, writers=dist.get_world_size())
+        except BaseException as exc:  # re-raised below, after the other ranks were told (they wait for rank 0)
+            failure = exc
+    told = _from_rank0(None if failure is None else repr(failure), collective)
+    if failure is not None:
+        raise failure
+    if told is not None:
+        raise RuntimeError(f"checkpoint {final}: rank 0 could not complete it: {told}")
+    return final
+
+
+def _complete(tmp: Path, final: Path, state: LearnerState, keep: int, writers: int) -> None:
+    """Rank 0, after every rank wrote its tensors: the small files, flush, rename, drop the oldest checkpoints."""
     write_trainer_state(tmp / "trainer.pt", state)
-    (tmp / "meta.json").write_text(json.dumps({"version": state.version, "time": time.time()}) + "\n")
+    (tmp / "meta.json").write_text(json.dumps({"version": state.version, "time": time.time(), "format": FORMAT,
+                                               "writers": writers}) + "\n")
     _fsync_tree(tmp)
     os.replace(tmp, final)
-    _fsync_tree(root)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    _fsync_dir(final.parent)
+    for old in list_checkpoints(final.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -108,14 +192,40 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, state: LearnerState) -> None:
-    """Restore weights, optimizer, scheduler, version and RNG states into `state` (built the same way)."""
+def load_weights(path: str | Path, model: torch.nn.Module, collective: bool = False) -> None:
+    """Only the model weights of checkpoint `path` (either format) into `model`; the AdamW state is not read."""
     path = Path(path)
-    device = next(state.model.parameters()).device
-    load_model(state.model, str(path / "model.safetensors"), strict=True, device=str(device))
+    if (path / TRAINER_DIR).is_dir():
+        loaded = {"model": get_model_state_dict(model)}
+        _dcp(dcp.load, loaded, path / TRAINER_DIR, collective)
+        set_model_state_dict(model, loaded["model"])
+        return
+    device = next(model.parameters()).device
+    load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+
+
+def load_checkpoint(path: str | Path, state: LearnerState, collective: bool = False) -> None:
+    """Restore weights, optimizer, scheduler, version and RNG states into `state` (built the same way).
+
+    collective=True: every rank of the default process group loads together; False: this process reads alone.
+    A checkpoint of the previous format (model.safetensors, optimizer inside trainer.pt) loads as well."""
+    path = Path(path)
     # The optimizer moves its state onto the parameters' device itself; RNG states must stay on the CPU.
     trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
-    state.optimizer.load_state_dict(trainer["optimizer"])
+    if "optimizer" in trainer:  # the previous format
+        load_weights(path, state.model)
+        state.optimizer.load_state_dict(trainer["optimizer"])
+    elif trainer["optimizer_in_dcp"]:
+        # get_state_dict gives a fresh AdamW zero moments to load into (state the checkpoint then overwrites)
+        loaded = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
+        _dcp(dcp.load, loaded, path / TRAINER_DIR, collective)
+        set_state_dict(state.model, state.optimizer, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"])
+    else:  # saved before the first step: AdamW starts without state, as it did then
+        load_weights(path, state.model, collective)
+        state.optimizer.state.clear()
     state.scheduler.load_state_dict(trainer["scheduler"])
+    for group, lr in zip(state.optimizer.param_groups, state.scheduler.get_last_lr()):
+        group["lr"] = lr
     state.version = int(trainer["version"])
     set_rng_state(trainer["rng"])

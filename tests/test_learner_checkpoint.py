@@ -107,3 +107,51 @@ def test_keeps_the_newest_checkpoints_and_restores_rng(tmp_path):
     ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), state)
     assert state.version == 3
     assert torch.equal(torch.rand(3), expected)  # the RNG is back at the save point
+
+
+def write_previous_format(path: Path, state) -> None:
+    """A checkpoint as the previous format wrote it: model.safetensors + trainer.pt with the optimizer inside."""
+    from safetensors.torch import save_model
+
+    path.mkdir(parents=True)
+    save_model(state.model, str(path / "model.safetensors"))
+    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                "version": state.version, "rng": ckpt.rng_state()}, path / "trainer.pt")
+    (path / "meta.json").write_text(json.dumps({"version": state.version, "time": 0.0}) + "\n")
+
+
+@pytest.mark.unit
+def test_a_checkpoint_of_the_previous_format_still_resumes(tmp_path):
+    torch.set_num_threads(1)
+    cfg, data = config(), batches()
+    state = build_state(tiny_model(seed=0), cfg.learner)
+    for batch in data[:2]:
+        train_step(state, batch, cfg)
+    write_previous_format(ckpt.checkpoint_dir(tmp_path) / "step_00000002", state)
+    expected = torch.rand(2)
+    train_step(state, data[2], cfg)
+    fresh = build_state(tiny_model(seed=99), cfg.learner)
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), fresh)
+    assert fresh.version == 2
+    assert torch.equal(torch.rand(2), expected)
+    train_step(fresh, data[2], cfg)
+    for (name, got), want in zip(fresh.model.named_parameters(), state.model.parameters()):
+        assert torch.equal(got, want), name  # weights, Adam moments and the lr schedule all came back
+
+
+@pytest.mark.unit
+def test_a_checkpoint_before_the_first_step_changes_no_later_step(tmp_path):
+    """Saving and loading an optimizer that has taken no step must not give it state: AdamW's first step would then
+    count as its second (bias correction 1 - beta^2 instead of 1 - beta) and the run would take another path."""
+    torch.set_num_threads(1)
+    cfg, data = config(), batches()
+    state = build_state(tiny_model(seed=0), cfg.learner)
+    ckpt.save_checkpoint(tmp_path, state)
+    assert state.optimizer.state == {}  # saving does not touch the live optimizer
+    fresh = build_state(tiny_model(seed=99), cfg.learner)
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), fresh)
+    assert fresh.optimizer.state == {}
+    train_step(state, data[0], cfg)
+    train_step(fresh, data[0], cfg)
+    for (name, got), want in zip(fresh.model.named_parameters(), state.model.parameters()):
+        assert torch.equal(got, want), name
