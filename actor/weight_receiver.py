@@ -9,6 +9,9 @@ them; docs/ARCHITECTURE.md, "Weight sync"):
 - take part in every data announcement on the held group, also one whose version the engine already has (the
   learner re-sends its version after a rebuild, a rejoin, a retry and a resume);
 - acknowledge only what was received (HF) or installed after every bucket's reply came back OK (SGLang);
+- the newest announcement is the policy, also when its version is older than the engine's (a learner resumed from
+  an older checkpoint): the HF receiver stages every version that differs from the last one it received, and the
+  actor swaps in whatever staged version differs from its engine's;
 - a failed receive or update drops the membership and raises the rejoin flag; it is logged and counted, and the
   thread goes on. A malformed announcement is counted and skipped.
 
@@ -195,7 +198,9 @@ class WeightReceiver:
                 self._pool.release(bufs)
             return
         with self._cond:
-            if ann.version > self._newest_version:
+            # The learner sends its current version, which only goes down when it resumed from an older
+            # checkpoint: then the older weights are the policy again and must be staged too.
+            if ann.version != self._newest_version:
                 self._newest_version = ann.version
                 self._pool.release(self._latest_bufs)  # a staged version nobody took is superseded
                 self._latest, self._latest_bufs = (ann.version, state), bufs

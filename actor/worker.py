@@ -263,7 +263,9 @@ class Actor:
         return True
 
     def _swap_in(self, staged: tuple[int, dict] | None) -> None:
-        if staged is None or staged[0] <= self.engine.policy_version:
+        # Staged weights are the learner's newest; an older version than the engine's means a resumed learner
+        # rolled back, and generating on with the discarded weights would only make groups the buffer refuses.
+        if staged is None or staged[0] == self.engine.policy_version:
             return
         start = time.monotonic()
         self.engine.load_weights(staged[1], staged[0])

@@ -396,3 +396,32 @@ def test_malformed_announcements_are_rejected_with_the_field_named():
     for change, field in bad:
         with pytest.raises(WireError, match=field):
             check_announcement(WeightAnnouncement(**{**good, **change}))
+
+
+@pytest.mark.integration
+def test_a_resumed_learner_rolls_the_receiver_back_to_its_older_version():
+    """A learner resumed from checkpoint 1 after it had already sent version 3 broadcasts version 1 again: the
+    receiver must stage it, or the actor would keep generating with the discarded version 3 (whose tokens the
+    rolled-back buffer refuses) while the learner waits for groups."""
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    newer, resumed = _state(30), _state(31)
+    sender = WeightSender(cfg, world_size=2, device="cpu")
+    receiver = WeightReceiver(cfg, 1, newer, "cpu").start()
+    try:
+        assert sender.broadcast(newer, version=3)["perf/sync_ok"] == 1.0
+        assert receiver.wait_for_version(3, timeout_s=20)[0] == 3
+        sender.close()
+        sender = WeightSender(cfg, world_size=2, device="cpu")  # the resumed learner: a new session
+        deadline = time.monotonic() + 60
+        while sender.broadcast(resumed, version=1, join_wait_s=5.0)["perf/sync_ok"] != 1.0:
+            assert time.monotonic() < deadline, "the receiver never joined the resumed learner's group"
+        got = None
+        while got is None and time.monotonic() < deadline:
+            got = receiver.take_latest()
+            time.sleep(0.05)
+        assert got is not None and got[0] == 1, "the resumed learner's older version was never staged"
+        _assert_bitwise_equal(got[1], resumed)
+    finally:
+        receiver.close()
+        sender.close()
