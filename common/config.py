@@ -46,7 +46,7 @@ def _check_gpu_ids(gpus: tuple[int, ...], field_name: str) -> None:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """The algorithm (SPEC.md): allocation, advantages, modulation, loss, staleness."""
+    """The algorithm (docs/ALGORITHM.md): allocation, advantages, modulation, loss, staleness."""
 
     allocation_mode: AllocationMode = "reference"
     """How rollouts per prompt are chosen: `uniform` (plain GRPO, n_mean each), `reference` (DynaMO
@@ -246,7 +246,7 @@ class BufferConfig:
     address: str = "tcp://127.0.0.1:5555"
     """ZeroMQ endpoint the buffer binds (port 0 in tests picks a free one)."""
     wave_size: int = 8
-    """Prompts per allocation wave (the N of SPEC §1)."""
+    """Prompts per allocation wave (the N of docs/ALGORITHM.md §1)."""
     lease_timeout_s: float = 300.0
     """Seconds before an unsubmitted lease expires and its prompts return to the pool."""
     max_message_bytes: int = 64 * 1024 * 1024
