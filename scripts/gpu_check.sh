@@ -4,7 +4,7 @@
 #     bash scripts/gpu_wheels.sh          # on a machine with internet, once: wheels into .whl/
 #     bash scripts/gpu_check.sh           # on the GPU host, from the repository root (or anywhere: it cd's there)
 #
-# Needs python3 with torch (CUDA), transformers, accelerate and msgpack; the rest (pyzmq, msgspec, tyro, rich,
+# Needs python3 with torch (CUDA), transformers and msgpack; the rest (pyzmq, msgspec, tyro, rich,
 # pytest) is installed from .whl/ into a temporary directory with `pip install --no-index` (no internet needed).
 # Checks, each ending in one `SUMMARY <check>: ok|FAIL ...` line:
 #   1. gpu tests     pytest -m gpu (the tests that skip without CUDA)

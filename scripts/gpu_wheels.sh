@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Download the wheels scripts/gpu_check.sh installs on a GPU host that has torch (CUDA), transformers, accelerate
-# and msgpack but no internet: pyzmq, msgspec, tyro, rich and pytest with their pure-Python needs, at the versions
-# of this checkout's .venv, for CPython 3.12 on x86-64 Linux, into .whl/ (kept out of git via .git/info/exclude).
+# Download the wheels scripts/gpu_check.sh installs on a GPU host that has torch (CUDA), transformers and msgpack
+# but no internet: pyzmq, msgspec, tyro, rich and pytest with their pure-Python needs, at the versions
+# of this checkout's .venv, for CPython 3.12 on x86-64 Linux, into .whl/ (ignored by git).
 #
 #     bash scripts/gpu_wheels.sh [PYTHON_VERSION]      # default 3.12
 set -euo pipefail
