@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_model
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, \
     set_state_dict
@@ -114,12 +115,22 @@ def _dcp_state(state: LearnerState) -> dict[str, Any]:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read (each failing rank's error in the message)."""
+
+
 def _dcp(call: Any, state_dict: dict[str, Any], path: Path, collective: bool) -> None:
-    """dcp.save or dcp.load; without `collective` DCP warns on every call that it runs in one process, which is
-    what was asked for here."""
+    """dcp.save or dcp.load. DCP raises a CheckpointException, a BaseException that `except Exception` handlers
+    would not see, so it becomes a CheckpointError. Without `collective` DCP warns on every call that it runs in
+    one process, which is what was asked for here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        call(state_dict, checkpoint_id=path, no_dist=not collective)
+        try:
+            call(state_dict, checkpoint_id=path, no_dist=not collective)
+        except CheckpointException as exc:
+            failures = "; ".join(f"rank {rank}: {error[0] if isinstance(error, tuple) else error!r}"
+                                 for rank, error in sorted(exc.failures.items()))
+            raise CheckpointError(f"{path}: {failures}") from None
 
 
 def _from_rank0(value: Any, collective: bool) -> Any:
@@ -200,6 +211,8 @@ def load_weights(path: str | Path, model: torch.nn.Module, collective: bool = Fa
         _dcp(dcp.load, loaded, path / TRAINER_DIR, collective)
         set_model_state_dict(model, loaded["model"])
         return
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{path} holds neither {TRAINER_DIR}/ nor model.safetensors: not a checkpoint")
     device = next(model.parameters()).device
     load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
 

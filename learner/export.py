@@ -75,21 +75,25 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
                       force: bool = False, progress: Progress | None = None) -> Path:
     """Write checkpoint `step` (default: the newest) of `run_dir` as a HF model directory `out`; returns the
     checkpoint it read."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from common.models import load_model, resolve_model_path
-    from learner.checkpoint import load_weights
-
     run_dir, out, progress = Path(run_dir), Path(out), progress or Progress()
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    check_out_dir(out, force)
     name = base_model_name(run_dir)
     checkpoint = find_checkpoint(run_dir, step)
-    check_out_dir(out, force)
+
+    import torch  # after the checks: a refusal answers at once
+    from transformers import AutoTokenizer
+
+    from common.models import load_model, resolve_model_path
+    from learner.checkpoint import CheckpointError, load_weights
+
     progress(f"base model {name}; reading {checkpoint}")
     model = load_model(name, dtype=torch.float32, device="cpu")
-    load_weights(checkpoint, model)
+    try:
+        load_weights(checkpoint, model)
+    except CheckpointError as exc:
+        raise ExportError(f"cannot load {checkpoint} into base model {name}: {exc}") from None
     model = model.to(getattr(torch, dtype))
     size_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     progress(f"loaded {sum(p.numel() for p in model.parameters()):,} parameters ({size_gb:.2f} GB as {dtype})")

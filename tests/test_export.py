@@ -105,6 +105,23 @@ def test_export_errors_name_what_is_wrong(tmp_path, capsys):
     assert export.main([str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "hf" / "keep.txt").read_text() == "x"
+    assert export.main([str(tmp_path), "--out", str(tmp_path / "hf2")]) == 2  # step_00000002 is an empty directory
+    assert "neither trainer/ nor model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists()
+
+
+@pytest.mark.unit
+def test_a_checkpoint_of_another_model_is_refused_naming_the_tensor(tmp_path, capsys):
+    from test_learner_step import tiny_model  # vocabulary 64, hidden 32: not the `tiny` run model's shapes
+
+    save_config(with_overrides(Config(), run={"model": "tiny"}), tmp_path / "config.json")
+    state = build_state(tiny_model(), Config().learner)
+    state.version = 1
+    ckpt.save_checkpoint(tmp_path, state)
+    assert export.main([str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "model.model.embed_tokens.weight" in err and "Size mismatch" in err
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.integration
