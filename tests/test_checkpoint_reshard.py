@@ -4,7 +4,8 @@ The learner is replicated data-parallel: every rank holds the whole model and Ad
 (`collective=True`, every rank calls it) lets each rank write its share of the tensors; the checkpoint must then
 resume on any number of ranks with bit-identical weights and optimizer state, so the next optimizer step is the
 same as the one the saving job would have taken. With the tests' batches every mini-batch is one micro-batch, so a
-two-rank step is rank 0's gradient plus rank 1's zeros and equals the single-process step bit for bit.
+two-rank step is rank 0's gradient plus rank 1's zeros and equals the single-process step bit for bit. A checkpoint
+of an FSDP2-sharded model (DTensor shards, the learner's planned sharded form) resumes on one plain process.
 """
 
 import json
@@ -35,21 +36,52 @@ rank_main(sys.argv[2], sys.argv[5])
 """
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of the whole tensor; an FSDP2 shard (DTensor) is gathered from every rank (a collective)."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
 def trainer_state(state) -> dict[str, torch.Tensor]:
     """Weights and AdamW moments/step counts, by name."""
-    out = {f"param/{k}": v.detach().clone() for k, v in state.model.state_dict().items()}
+    out = {f"param/{k}": whole(v) for k, v in state.model.state_dict().items()}
     names = {id(p): n for n, p in state.model.named_parameters()}
     for param, moments in state.optimizer.state.items():
-        out.update({f"optim/{names[id(param)]}/{k}": v.detach().clone() for k, v in moments.items()})
+        out.update({f"optim/{names[id(param)]}/{k}": whole(v) for k, v in sorted(moments.items())})
     return out
+
+
+def sharded_main(run_dir: str) -> None:
+    """One rank of an FSDP2-sharded learner (each rank holds half of every tensor): one AdamW step on a squared-logit
+    loss, a collective save, and rank 0 keeps the gathered weights and moments as the reference."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_model(seed=0)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    state = build_state(model, config().learner)
+    tokens = torch.arange(16).reshape(2, 8) * 3 % 64
+    model(input_ids=tokens).logits.pow(2).mean().backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.version = 1
+    ckpt.save_checkpoint(run_dir, state, collective=True)
+    reference = trainer_state(state)
+    if dist.get_rank() == 0:
+        torch.save(reference, Path(run_dir) / "reference.pt")
+    dist.destroy_process_group()
 
 
 def rank_main(run_dir: str, mode: str) -> None:
     """One rank of a two-rank job. `save`: two DP steps, collective save, then (rank 0, group gone) the third step
-    alone as the reference. `resume`: collective load, the third step on two ranks, each rank's state saved."""
+    alone as the reference. `resume`: collective load, the third step on two ranks, each rank's state saved.
+    `sharded`: `sharded_main`."""
     import torch.distributed as dist
 
     cfg, data, rank = config(), batches(), dist.get_rank()
+    if mode == "sharded":
+        return sharded_main(run_dir)
     if mode == "save":
         state = build_state(tiny_model(seed=0), cfg.learner)
         for batch in data[:2]:
@@ -126,3 +158,13 @@ def test_saved_on_one_rank_resumes_on_two(tmp_path):
     ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), alone)
     assert alone.version == 3
     assert_same_state(trainer_state(alone), reference)
+
+
+def test_saved_by_a_sharded_learner_resumes_replicated_on_one(tmp_path):
+    """FSDP2 on two gloo ranks writes DTensor shards; one plain process reads back the whole weights and moments."""
+    torch.set_num_threads(1)
+    run_two_ranks(tmp_path, "sharded")
+    state = build_state(tiny_model(seed=99), config().learner)
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), state)
+    assert state.version == 1
+    assert_same_state(trainer_state(state), torch.load(tmp_path / "reference.pt", weights_only=True))
