@@ -107,12 +107,36 @@ def write_trainer_state(path: Path, state: LearnerState) -> None:
                 "scheduler": state.scheduler.state_dict(), "version": state.version, "rng": rng_state()}, path)
 
 
+def _distinct(model_state: dict[str, Any]) -> dict[str, Any]:
+    """`model_state` without the later names of a tied tensor (lm_head.weight = embed_tokens.weight): DCP would
+    store it once per name, and loading the first name in place fills the shared storage of both."""
+    seen, out = set(), {}
+    for name, value in model_state.items():
+        local = getattr(value, "_local_tensor", value)  # an FSDP2 DTensor's shard on this rank
+        if isinstance(local, torch.Tensor) and local.numel() > 0:
+            where = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+            if where in seen:
+                continue
+            seen.add(where)
+        out[name] = value
+    return out
+
+
 def _dcp_state(state: LearnerState) -> dict[str, Any]:
     """What DCP saves: the model and, once AdamW has taken a step, its state."""
     if not state.optimizer.state:
-        return {"model": get_model_state_dict(state.model)}
+        return {"model": _distinct(get_model_state_dict(state.model))}
     model_state, optimizer_state = get_state_dict(state.model, state.optimizer)
-    return {"model": model_state, "optimizer": optimizer_state}
+    return {"model": _distinct(model_state), "optimizer": optimizer_state}
+
+
+def _load_model_part(loaded: dict[str, Any], path: Path, collective: bool) -> None:
+    """DCP-load into `loaded` (in place), reading each tied tensor once."""
+    model_state = loaded["model"]
+    loaded["model"] = _distinct(model_state)
+    _dcp(dcp.load, loaded, path, collective)
+    model_state.update(loaded["model"])
+    loaded["model"] = model_state
 
 
 class CheckpointError(RuntimeError):
@@ -208,7 +232,7 @@ def load_weights(path: str | Path, model: torch.nn.Module, collective: bool = Fa
     path = Path(path)
     if (path / TRAINER_DIR).is_dir():
         loaded = {"model": get_model_state_dict(model)}
-        _dcp(dcp.load, loaded, path / TRAINER_DIR, collective)
+        _load_model_part(loaded, path / TRAINER_DIR, collective)
         set_model_state_dict(model, loaded["model"])
         return
     if not (path / "model.safetensors").is_file():
@@ -231,7 +255,7 @@ def load_checkpoint(path: str | Path, state: LearnerState, collective: bool = Fa
     elif trainer["optimizer_in_dcp"]:
         # get_state_dict gives a fresh AdamW zero moments to load into (state the checkpoint then overwrites)
         loaded = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
-        _dcp(dcp.load, loaded, path / TRAINER_DIR, collective)
+        _load_model_part(loaded, path / TRAINER_DIR, collective)
         set_state_dict(state.model, state.optimizer, model_state_dict=loaded["model"],
                        optim_state_dict=loaded["optimizer"])
     else:  # saved before the first step: AdamW starts without state, as it did then

@@ -155,3 +155,22 @@ def test_a_checkpoint_before_the_first_step_changes_no_later_step(tmp_path):
     train_step(fresh, data[0], cfg)
     for (name, got), want in zip(fresh.model.named_parameters(), state.model.parameters()):
         assert torch.equal(got, want), name
+
+
+@pytest.mark.unit
+def test_a_tied_embedding_is_stored_once_and_restored_to_both_names(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from common.models import load_model
+
+    cfg = config()
+    state = build_state(load_model("tiny", dtype=torch.float32, device="cpu"), cfg.learner)  # lm_head = embeddings
+    with torch.no_grad():
+        state.model.get_input_embeddings().weight.mul_(3.0)
+    written = ckpt.save_checkpoint(tmp_path, state)
+    stored = FileSystemReader(written / ckpt.TRAINER_DIR).read_metadata().state_dict_metadata
+    assert "model.model.embed_tokens.weight" in stored and "model.lm_head.weight" not in stored
+    fresh = build_state(load_model("tiny", dtype=torch.float32, device="cpu"), cfg.learner)
+    ckpt.load_checkpoint(written, fresh)
+    assert fresh.model.lm_head.weight is fresh.model.get_input_embeddings().weight  # still tied
+    assert torch.equal(fresh.model.lm_head.weight, state.model.lm_head.weight)
