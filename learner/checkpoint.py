@@ -40,11 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_model
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, \
-    set_state_dict
 
 from learner.step import LearnerState
 
@@ -124,6 +120,8 @@ def _distinct(model_state: dict[str, Any]) -> dict[str, Any]:
 
 def _dcp_state(state: LearnerState) -> dict[str, Any]:
     """What DCP saves: the model and, once AdamW has taken a step, its state."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
     if not state.optimizer.state:
         return {"model": _distinct(get_model_state_dict(state.model))}
     model_state, optimizer_state = get_state_dict(state.model, state.optimizer)
@@ -134,7 +132,7 @@ def _load_model_part(loaded: dict[str, Any], path: Path, collective: bool) -> No
     """DCP-load into `loaded` (in place), reading each tied tensor once."""
     model_state = loaded["model"]
     loaded["model"] = _distinct(model_state)
-    _dcp(dcp.load, loaded, path, collective)
+    _dcp("load", loaded, path, collective)
     model_state.update(loaded["model"])
     loaded["model"] = model_state
 
@@ -143,14 +141,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read (each failing rank's error in the message)."""
 
 
-def _dcp(call: Any, state_dict: dict[str, Any], path: Path, collective: bool) -> None:
-    """dcp.save or dcp.load. DCP raises a CheckpointException, a BaseException that `except Exception` handlers
-    would not see, so it becomes a CheckpointError. Without `collective` DCP warns on every call that it runs in
-    one process, which is what was asked for here."""
+def _dcp(action: str, state_dict: dict[str, Any], path: Path, collective: bool) -> None:
+    """dcp.save or dcp.load (`action`). DCP raises a CheckpointException, a BaseException that `except Exception`
+    handlers would not see, so it becomes a CheckpointError. Without `collective` DCP warns on every call that it
+    runs in one process, which is what was asked for here. Imported here: DCP adds seconds to the learner's start."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         try:
-            call(state_dict, checkpoint_id=path, no_dist=not collective)
+            getattr(dcp, action)(state_dict, checkpoint_id=path, no_dist=not collective)
         except CheckpointException as exc:
             failures = "; ".join(f"rank {rank}: {error[0] if isinstance(error, tuple) else error!r}"
                                  for rank, error in sorted(exc.failures.items()))
@@ -183,7 +184,7 @@ def save_checkpoint(run_dir: str | Path, state: LearnerState, keep: int = 2, col
     tmp = _from_rank0(tmp, collective)
     if tmp is None:
         return final  # the same version: identical weights and optimizer state are already on disk
-    _dcp(dcp.save, _dcp_state(state), tmp / TRAINER_DIR, collective)
+    _dcp("save", _dcp_state(state), tmp / TRAINER_DIR, collective)
     if not collective:
         _complete(tmp, final, state, keep, writers=1)
         return final
@@ -229,6 +230,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_weights(path: str | Path, model: torch.nn.Module, collective: bool = False) -> None:
     """Only the model weights of checkpoint `path` (either format) into `model`; the AdamW state is not read."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
     path = Path(path)
     if (path / TRAINER_DIR).is_dir():
         loaded = {"model": get_model_state_dict(model)}
@@ -246,6 +249,8 @@ def load_checkpoint(path: str | Path, state: LearnerState, collective: bool = Fa
 
     collective=True: every rank of the default process group loads together; False: this process reads alone.
     A checkpoint of the previous format (model.safetensors, optimizer inside trainer.pt) loads as well."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     path = Path(path)
     # The optimizer moves its state onto the parameters' device itself; RNG states must stay on the CPU.
     trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
