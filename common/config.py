@@ -632,11 +632,27 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Build a validated Config from a (possibly partial) nested dict; unknown keys are errors."""
     import msgspec
 
+    data = _renamed_fields(data)
     _reject_unknown_keys(data, Config, "")
     try:
         return msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config: {exc}") from None
+
+
+RENAMED_FIELDS = {("task", "prompt_field"): "question_field"}
+"""Fields renamed since runs were first written: a saved config.json with the old name still loads (--resume)."""
+
+
+def _renamed_fields(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for (section, old), new in RENAMED_FIELDS.items():
+        if isinstance(out.get(section), dict) and old in out[section]:
+            part = dict(out[section])
+            value = part.pop(old)
+            part.setdefault(new, value)
+            out[section] = part
+    return out
 
 
 def save_config(cfg: Config, path: Path) -> None:

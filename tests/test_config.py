@@ -68,3 +68,11 @@ def test_unknown_and_invalid_keys_in_file_are_rejected():
     partial = config_from_dict({"learner": {"lr": 0.1}})
     assert partial.learner.lr == 0.1 and partial.algo == Config().algo
     assert json.loads(json.dumps(config_to_dict(partial)))["learner"]["lr"] == 0.1
+
+
+def test_a_saved_config_with_a_renamed_field_still_loads():
+    """task.prompt_field became task.question_field: an older run's config.json must still resume."""
+    from common.config import config_from_dict
+
+    cfg = config_from_dict({"task": {"prompt_field": "problem"}})
+    assert cfg.task.question_field == "problem"
