@@ -175,12 +175,13 @@ class BufferClient:
         """Give back prompts this actor will not finish; they are re-issued first."""
         return self._call(Release(lease_id=lease_id, prompt_ids=list(prompt_ids)), Ack).note
 
-    def fetch(self, learner_id: str, n_groups: int, wait_s: float = 0.0) -> Batch:
+    def fetch(self, learner_id: str, n_groups: int, wait_s: float = 0.0, after_arrival: int = -1) -> Batch:
         """Exactly n_groups ServedGroups (oldest first), or an empty Batch if fewer are queued.
 
-        wait_s > 0: the buffer holds the request up to that long until n_groups are queued (long poll)."""
+        wait_s > 0: the buffer holds the request up to that long until n_groups are queued (long poll).
+        after_arrival: the newest arrival already consumed, so a restored buffer does not serve it again."""
         return self._call(Fetch(learner_id=learner_id, n_groups=n_groups, request_id=self._request_id(),
-                                wait_s=wait_s), Batch, wait_s)
+                                wait_s=wait_s, after_arrival=after_arrival), Batch, wait_s)
 
     def report_version(self, version: int, rollback: bool = False) -> None:
         """The learner's version after a step; rollback=True after resuming from an older checkpoint.

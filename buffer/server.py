@@ -196,7 +196,7 @@ def metrics_record(stats: dict[str, Any], previous: dict[str, Any] | None, dt: f
     scalar_keys = ("queue_depth", "in_flight", "live_leases", "admission_room", "epoch", "epoch_progress",
                    "leases_granted", "leases_expired", "leases_released", "prompts_leased", "groups_received",
                    "groups_zero_variance", "groups_dropped_stale", "groups_dropped_rollback", "groups_served",
-                   "samples_received", "messages_bad", "snapshot_failures", "informative_yield",
+                   "groups_served_before_restore", "samples_received", "messages_bad", "snapshot_failures", "informative_yield",
                    "informative_sample_yield", "prompts_skipped", "prompts_revisited", "prompts_forced",
                    "revisits_informative", "skip_probability")
     m: dict[str, float] = {f"buffer/{k}": stats[k] for k in scalar_keys}
@@ -387,7 +387,7 @@ class BufferServer:
     def _ready(self, msg: Any) -> bool:
         """True when the request can be answered usefully now, or is malformed (its handler names the field)."""
         if isinstance(msg, Fetch):
-            return not self.state.fetch_would_wait(msg.n_groups)
+            return not self.state.fetch_would_wait(msg.n_groups, msg.after_arrival)
         return not self.state.lease_would_wait(msg.max_prompts)
 
     def _is_replay(self, msg: Any) -> bool:
@@ -466,7 +466,7 @@ class BufferServer:
 
     def _on_fetch(self, msg: Fetch, now: float) -> Any:
         _check_wait(msg.wait_s)
-        return self._once(_replay_key(msg), msg.request_id, lambda: self.state.fetch(msg.n_groups))
+        return self._once(_replay_key(msg), msg.request_id, lambda: self.state.fetch(msg.n_groups, msg.after_arrival))
 
     def _on_version(self, msg: ReportVersion, now: float) -> Ack:
         if not (self._learner_session and hmac.compare_digest(msg.session.encode(), self._learner_session.encode())):

@@ -147,6 +147,8 @@ class Counters(msgspec.Struct, kw_only=True):
     groups_zero_variance: int = 0
     groups_dropped_stale: int = 0
     groups_dropped_rollback: int = 0
+    groups_served_before_restore: int = 0
+    """Restored-queue groups the learner had already consumed before the restart (also counted in groups_served)."""
     groups_served: int = 0
     groups_served_discarded: int = 0
     """Served groups whose training steps a learner rollback discarded; admission control stops counting them."""
@@ -282,9 +284,19 @@ class BufferState:
         """Whether lease() would now answer "wait" (not a grant, and not a rejection of a bad request)."""
         return max_prompts >= 1 and self._lease_wait_reason() is not None
 
-    def fetch_would_wait(self, n_groups: int) -> bool:
+    def fetch_would_wait(self, n_groups: int, after_arrival: int = -1) -> bool:
         """Whether fetch() would now answer an empty batch for lack of groups (not a rejection of a bad size)."""
+        self._forget_consumed(after_arrival)
         return self._valid_fetch_size(n_groups) and len(self.queue) < n_groups
+
+    def _forget_consumed(self, after_arrival: int) -> None:
+        """Drop queued groups with arrival <= after_arrival: the learner consumed them already. Only a queue restored
+        from a snapshot holds such groups (the buffer served them after the snapshot, then was killed); they were
+        served, so they count as served. Arrivals grow across restarts, so a new group never matches."""
+        while self.queue and self.queue[0].arrival <= after_arrival:
+            self.queue.popleft()
+            self.counters.groups_served += 1
+            self.counters.groups_served_before_restore += 1
 
     def _valid_fetch_size(self, n_groups: int) -> bool:
         return 1 <= n_groups <= self.cfg.buffer.max_queued_groups
@@ -338,11 +350,15 @@ class BufferState:
         ignored = len(prompt_ids) - len(returned)
         return f"returned {len(returned)} prompts" + (f", ignored {ignored} not open in the lease" if ignored else "")
 
-    def fetch(self, n_groups: int) -> Batch:
-        """Exactly n_groups oldest groups (after dropping too-stale ones), or an empty batch if fewer wait."""
+    def fetch(self, n_groups: int, after_arrival: int = -1) -> Batch:
+        """Exactly n_groups oldest groups (after dropping too-stale ones), or an empty batch if fewer wait.
+
+        after_arrival: the newest arrival the learner has consumed (-1: none); older queued groups are not served
+        again (see _forget_consumed)."""
         if not self._valid_fetch_size(n_groups):
             raise Rejection("bad_request",
                             f"n_groups: must be in [1, {self.cfg.buffer.max_queued_groups}], got {n_groups}")
+        self._forget_consumed(after_arrival)
         dropped = self._drop_stale()
         if len(self.queue) < n_groups:
             return Batch(groups=[], policy_version=self.policy_version, dropped_stale=dropped)
@@ -595,7 +611,12 @@ class BufferState:
         if self.cfg.algo.drop_zero_variance_groups and zero_variance:
             self.counters.groups_zero_variance += 1
             return SubmitAck(accepted=True, queued=False, note="zero_variance")
-        self.queue.append(QueuedGroup(group, self.next_arrival, min_version))
+        if self.next_arrival >= LEASE_SEQ_LIMIT:  # 2**31 groups in one life: continue in a fresh incarnation
+            self.incarnation += 1
+            self.next_arrival = 0
+        # Arrival ids carry the incarnation like lease ids, so they keep growing across restarts (the learner names
+        # what it consumed by arrival: fetch's after_arrival).
+        self.queue.append(QueuedGroup(group, self.incarnation * LEASE_SEQ_LIMIT + self.next_arrival, min_version))
         self.next_arrival += 1
         return SubmitAck(accepted=True, queued=True)
 
@@ -808,7 +829,7 @@ class BufferState:
         state.retired = OrderedDict(snap.retired)
         state.incarnation = snap.incarnation + 1
         state.next_lease_id = 1
-        state.next_arrival = snap.next_arrival
+        state.next_arrival = 0  # arrival ids of the new incarnation start above every earlier one
         if snap.skip is not None:
             algo = state.cfg.algo  # a resume may have changed the bounds
             p = min(algo.skip_explore_max, max(algo.skip_explore_min, snap.skip.p_explore))

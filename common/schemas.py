@@ -38,6 +38,7 @@ Version = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 Count = Annotated[int, msgspec.Meta(ge=-INT32_MAX, le=INT32_MAX)]
 """A size or count: handlers check the exact bounds and name them; this only keeps it to 32 bits."""
 Id64 = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+Arrival = Annotated[int, msgspec.Meta(ge=-1, le=INT64_MAX)]
 """Lease ids and request ids: non-negative int64."""
 Name = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
 
@@ -152,6 +153,9 @@ class Fetch(_Msg, tag="fetch"):
     wait_s: float = 0.0
     """Long poll: while fewer than n_groups are queued, the buffer holds the request up to this long and answers as
     soon as they are (0 = answer at once)."""
+    after_arrival: Arrival = -1
+    """The newest ServedGroup.arrival the learner has consumed (-1: none). A buffer restored from a snapshot may
+    hold groups it served after that snapshot; those are not served again."""
 
 
 class ReportVersion(_Msg, tag="version"):

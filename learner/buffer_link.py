@@ -9,6 +9,9 @@ a `BufferClient`. A buffer that stops answering (`BufferTimeout` after the clien
    final checkpoint is the one just written), or until `learner.fetch_timeout_s` has passed (`BufferTimeout`);
 3. it re-registers and reports its version at once, then repeats the call.
 
+Every fetch names the newest group arrival the learner has consumed, so the restored buffer does not serve again
+the groups it had served between its snapshot and its death.
+
 A buffer restored from a snapshot is behind the learner: it would refuse the actors' groups made with newer
 weights and keep no admission room until the learner's next report, which needs a batch first. So whenever a reply
 shows the buffer's policy_version behind the learner's — after an outage, or after the client's own retries
@@ -51,6 +54,9 @@ class BufferLink:
         """Seconds spent waiting for a lost buffer since the last `take_metrics`."""
         self.reannounced = 0
         """Times the learner reported its version again to a buffer that was behind (cumulative)."""
+        self.consumed_arrival = -1
+        """Newest arrival id of a group this learner was served; sent with every fetch, so a buffer restored from a
+        snapshot taken before it served that group does not serve it (or anything older) a second time."""
 
     # ------------------------------------------------------------------------------------------- buffer calls
 
@@ -59,7 +65,9 @@ class BufferLink:
 
     def fetch(self, learner_id: str, n_groups: int, wait_s: float = 0.0) -> Batch:
         empty = Batch(groups=[], policy_version=-1)
-        batch = self._call(lambda: self.client.fetch(learner_id, n_groups, wait_s=wait_s), stopped=empty)
+        batch = self._call(lambda: self.client.fetch(learner_id, n_groups, wait_s=wait_s,
+                                                     after_arrival=self.consumed_arrival), stopped=empty)
+        self.consumed_arrival = max([self.consumed_arrival, *(g.arrival for g in batch.groups)])
         if 0 <= batch.policy_version < self.version():
             why = f"its version {batch.policy_version} is behind the learner's: restored from a snapshot"
             self._call(lambda: self.reannounce(why), stopped=None)

@@ -284,7 +284,7 @@ def test_lease_and_fetch_retries_are_answered_once():
         fetch = encode_message(Fetch(learner_id="L", n_groups=2, request_id=77))
         first, retry = raw_request(endpoint, [b"", fetch]), raw_request(endpoint, [b"", fetch])
         # The retry (same learner, same request id) gets the same batch; the groups are served once.
-        assert [g.arrival for g in first.groups] == [g.arrival for g in retry.groups] == [0, 1]
+        assert [g.arrival for g in first.groups] == [g.arrival for g in retry.groups] == [2**31, 2**31 + 1]
         stats = client.stats()
         assert stats["groups_served"] == 2 and stats["queue_depth"] == 0
 
@@ -368,3 +368,54 @@ def test_metrics_jsonl_gets_buffer_records(tmp_path: Path):
     # The 3 groups each have one correct and one wrong answer: all informative, 6 of 6 samples.
     assert final["buffer/informative_yield"] == 1.0 and final["buffer/informative_sample_yield"] == 1.0
     assert (tmp_path / "snap.msgpack").exists()
+
+
+def test_a_learner_is_not_served_again_what_it_consumed_before_the_buffer_restarted():
+    """Three groups are queued at the buffer's snapshot; it serves two, then dies. The restarted buffer restores all
+    three, but the learner's fetch names what it consumed: it gets the third group only, and never one twice."""
+    from buffer.client import BufferClient
+    from buffer.state import decode_snapshot, encode_snapshot
+    from common.processes import free_port
+    from learner.buffer_link import BufferLink
+
+    cfg = with_overrides(make_cfg(algo={"max_staleness": 100}), buffer={"address": f"tcp://127.0.0.1:{free_port()}"})
+    prompts = make_prompts(8)
+    state = BufferState(cfg, prompts, now=time.monotonic())
+    grant = state.lease("a0", 3, now=time.monotonic())
+    for it in grant.items:
+        state.submit(grant.lease_id, make_group(it.prompt_id, mixed(it.n)), now=time.monotonic())
+    snapshot = encode_snapshot(state.to_snapshot(0.0))
+
+    def serve(buffer_state):
+        server = BufferServer(cfg, buffer_state)
+        server.bind()
+        stop = threading.Event()
+        thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+        thread.start()
+        return server, stop, thread
+
+    def shut(running):
+        server, stop, thread = running
+        stop.set()
+        thread.join(10)
+        server.close()
+
+    client = BufferClient(cfg.buffer.address, timeout_s=2.0)
+    link = BufferLink(client, cfg, threading.Event(), version=lambda: 0, on_lost=lambda: None)
+    running = serve(state)
+    try:
+        first = link.fetch("learner", 2)
+        assert [g.group.prompt_id for g in first.groups] == [it.prompt_id for it in grant.items[:2]]
+    finally:
+        shut(running)
+    restored = BufferState.from_snapshot(decode_snapshot(snapshot), cfg, prompts, now=time.monotonic())
+    running = serve(restored)
+    try:
+        second = link.fetch("learner", 1)
+        assert [g.group.prompt_id for g in second.groups] == [grant.items[2].prompt_id]
+        stats = client.stats()
+        assert stats["groups_served"] == 3 and stats["groups_served_before_restore"] == 2
+        assert stats["queue_depth"] == 0
+    finally:
+        client.close()
+        shut(running)

@@ -59,7 +59,7 @@ def test_lease_submit_fetch_round_trip_updates_stats_exactly():
     state.submit(grant.lease_id, make_group(grant.items[1].prompt_id, [False, True]), now=1.0)
     batch = state.fetch(2)
     assert [g.group.prompt_id for g in batch.groups] == [it.prompt_id for it in grant.items]
-    assert [g.arrival for g in batch.groups] == [0, 1]
+    assert [g.arrival for g in batch.groups] == [2**31, 2**31 + 1]  # incarnation 1, the first two arrivals
     s = state.stats_dict(2.0)
     assert (s["groups_received"], s["groups_served"], s["queue_depth"], s["in_flight"]) == (2, 2, 0, 0)
     assert s["staleness_hist"] == {0: 2} and s["samples_received"] == 4
@@ -407,3 +407,28 @@ def test_rollback_frees_the_admission_window_of_discarded_steps():
     assert state.counters.groups_served_discarded == 4
     assert state.admission_room() == 2  # (1 + 1) * 2 - (6 - 4): without the discard it would be -2: no leases
     assert len(state.lease("a0", 5, now=0.0).items) == 2
+
+
+def test_groups_served_after_the_snapshot_are_not_served_again_after_a_restore():
+    """The buffer is killed after serving groups it had queued at its last snapshot; the restored queue holds them
+    again. The learner's fetch says which arrivals it has consumed: those are not served a second time, and they
+    count as served (which they were), so received = served + dropped + zero-variance + queued still holds."""
+    state = BufferState(make_cfg(algo={"max_staleness": 100}), make_prompts(8))
+    grant = state.lease("a0", 3, now=0.0)
+    for it in grant.items:
+        state.submit(grant.lease_id, make_group(it.prompt_id, mixed(it.n)), now=0.0)
+    snap = encode_snapshot(state.to_snapshot(0.0))
+    first = state.fetch(2)  # served, then the buffer dies before its next snapshot
+    consumed = max(g.arrival for g in first.groups)
+    restored = BufferState.from_snapshot(decode_snapshot(snap), state.cfg, make_prompts(8))
+    assert len(restored.queue) == 3
+    assert restored.fetch_would_wait(2, after_arrival=consumed)  # 1 group left: not enough for 2
+    batch = restored.fetch(1, after_arrival=consumed)
+    assert [g.group.prompt_id for g in batch.groups] == [grant.items[2].prompt_id]
+    assert restored.counters.groups_served == 3 and restored.counters.groups_served_before_restore == 2
+    assert invariant_holds(restored)
+    # arrivals of the new incarnation sort after every arrival the old one handed out
+    more = restored.lease("a0", 1, now=0.0)
+    restored.submit(more.lease_id, make_group(more.items[0].prompt_id, mixed(more.items[0].n)), now=0.0)
+    assert restored.queue[-1].arrival > consumed
+    assert restored.fetch(1, after_arrival=consumed).groups[0].group.prompt_id == more.items[0].prompt_id
