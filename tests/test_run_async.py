@@ -127,15 +127,20 @@ def _kill_role_mid_run(cmd: list[str], run_dir: Path, module: str, at_step: int,
     return proc.returncode, out, killed_at
 
 
+def rollout_reward_first_and_last_fifth(run_dir: Path) -> tuple[float, float, list[float]]:
+    """Mean rollout reward of actor0 over the first and the last fifth of its records, and all of them. The actor's
+    rollout reward covers every sample (the learner's batch reward skips zero-variance groups)."""
+    rewards = [r["rollout/reward/mean"] for r in read_metrics(run_dir / "metrics.jsonl", role="actor0")
+               if r.get("rollout/reward/mean") is not None]
+    fifth = len(rewards) // 5
+    return sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth, rewards
+
+
 def test_tiny_preset_learns_accounts_for_every_group_and_leaves_no_process(tmp_path):
     proc = _run(_command(tmp_path, "learn"))
     run_dir = tmp_path / "learn"
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # The actor's rollout reward covers every sample (the learner's batch reward skips zero-variance groups).
-    rewards = [r["rollout/reward/mean"] for r in read_metrics(run_dir / "metrics.jsonl", role="actor0")
-               if r.get("rollout/reward/mean") is not None]
-    fifth = len(rewards) // 5
-    first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
+    first, last, rewards = rollout_reward_first_and_last_fifth(run_dir)
     # Margin: the preset lifts the mean rollout reward from ~0.02 to ~0.28 (docs/BENCHMARKS.md); with the policy
     # gradient's sign flipped in learner/loss.py it stays at ~0.0, so a rise of 0.1 separates the two.
     assert last > first + 0.1, (first, last, rewards)

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from common.metrics import read_metrics
-from tests.test_run_async import PORTS, _assert_accounted, _final_counters, _processes_mentioning, _role_pid
+from tests.test_run_async import (PORTS, _assert_accounted, _final_counters, _processes_mentioning, _role_pid,
+                                  rollout_reward_first_and_last_fifth)
 
 # Minutes each on a busy 2-core machine (every run starts five Python processes that import torch).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -134,10 +135,7 @@ def test_tiny_run_learns_through_two_attached_sglang_servers(tmp_path, doubles):
     proc = subprocess.run(_command(tmp_path, "learn", [s.url for s in servers]), cwd=ROOT, capture_output=True,
                           text=True, timeout=800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rewards = [r["rollout/reward/mean"] for r in read_metrics(run_dir / "metrics.jsonl", role="actor0")
-               if r.get("rollout/reward/mean") is not None]
-    fifth = len(rewards) // 5
-    first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
+    first, last, rewards = rollout_reward_first_and_last_fifth(run_dir)
     # Same margin as the HF path's learning test: the tiny preset lifts the rollout reward from ~0.02 to ~0.28.
     assert last > first + 0.1, (first, last, rewards)
     assert max(_learner_steps(run_dir)) == 30
