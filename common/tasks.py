@@ -218,8 +218,9 @@ class FieldMap:
     """Column (dotted path for a nested field) of the question; a chat-message list gives its last user message."""
     answer: str
     """Column (dotted path) of the reference answer."""
-    answer_format: Literal["raw", "boxed"] = "raw"
-    """`raw`: the answer itself; `boxed`: a worked solution whose last \\boxed{} holds the answer."""
+    answer_format: Literal["raw", "boxed", "list"] = "raw"
+    """`raw`: the answer itself; `boxed`: a worked solution whose last \\boxed{} holds the answer; `list`: a list of
+    answers (OlympiadBench's final_answer), $ delimiters removed, joined with ", " (graded as a set when several)."""
     strip_prefix: str = ""
     """Instruction text removed from the start of the question when present."""
     strip_suffix: str = ""
@@ -294,7 +295,11 @@ def load_hf_prompts(task: TaskConfig, split: Split) -> HfLoad:
 
 
 def _hf_rows_to_prompts(task: TaskConfig, name: str, dataset_split: str, split: Split) -> HfLoad:
-    fields = field_map(task, name)
+    return read_hf_prompts(name, dataset_split, field_map(task, name), split)
+
+
+def read_hf_prompts(name: str, dataset_split: str, fields: FieldMap, split: Split) -> HfLoad:
+    """Every usable row of `dataset_split` of dataset `name` read through `fields`; ids carry `split`."""
     dataset = _load_hf_dataset(name, dataset_split)
     for column in (fields.question, fields.answer):
         top = column.split(".")[0]
@@ -368,6 +373,8 @@ def _hf_question(row: dict[str, Any], fields: FieldMap) -> str:
 
 def _hf_answer(row: dict[str, Any], fields: FieldMap) -> str:
     value = _field(row, fields.answer)
+    if fields.answer_format == "list":
+        value = _joined_answers(value, fields.answer)
     if value is None or isinstance(value, (dict, list)) or not str(value).strip():
         raise TaskError(f"answer {fields.answer!r} is empty or not a value")
     answer = str(value).strip()
@@ -379,6 +386,12 @@ def _hf_answer(row: dict[str, Any], fields: FieldMap) -> str:
     if not gradable(answer):
         raise TaskError(f"answer {answer!r} cannot be parsed by math-verify")
     return answer
+
+
+def _joined_answers(value: Any, column: str) -> str:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip("$ ") for v in value):
+        raise TaskError(f"answer {column!r} is not a non-empty list of answers")
+    return ", ".join(v.strip().strip("$").strip() for v in value)
 
 
 def describe_task(task: TaskConfig) -> list[str]:
