@@ -16,8 +16,9 @@ from common.tasks import Prompt, encode_prompt, score_response
 
 
 @torch.no_grad()
-def _generate(model: Any, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int, do_sample: bool,
-              num_return_sequences: int, temperature: float, batch_size: int) -> list[list[int]]:
+def generate_batched(model: Any, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
+                     do_sample: bool, num_return_sequences: int, temperature: float,
+                     batch_size: int) -> list[list[int]]:
     """Responses (token ids, prompt removed), `num_return_sequences` consecutive ones per prompt."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -50,9 +51,10 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], cfg: Config)
     k = cfg.run.eval_samples
     batch = max(1, cfg.actor.max_batch_sequences // k)
     common = dict(max_new_tokens=cfg.actor.max_new_tokens, temperature=cfg.actor.temperature)
-    greedy = _generate(model, tokenizer, ids, do_sample=False, num_return_sequences=1,
-                       batch_size=cfg.actor.max_batch_sequences, **common)
-    sampled = _generate(model, tokenizer, ids, do_sample=True, num_return_sequences=k, batch_size=batch, **common)
+    greedy = generate_batched(model, tokenizer, ids, do_sample=False, num_return_sequences=1,
+                              batch_size=cfg.actor.max_batch_sequences, **common)
+    sampled = generate_batched(model, tokenizer, ids, do_sample=True, num_return_sequences=k, batch_size=batch,
+                               **common)
     if was_training:
         model.train()
     pass1 = [score_response(p, tokenizer.decode(r), cfg.task)[1] for p, r in zip(prompts, greedy)]

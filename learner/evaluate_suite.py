@@ -124,14 +124,14 @@ def evaluate_benchmark(loaded: Loaded, prompts: list[Any], args: argparse.Namesp
     from common.config import TaskConfig
     from common.suites import benchmark_metrics
     from common.tasks import encode_prompt, math_score
-    from learner.evaluate import _generate
+    from learner.evaluate import generate_batched
 
     task = TaskConfig(source="hf", scorer="math", system_prompt=loaded.system_prompt,
                       use_chat_template=loaded.use_chat_template)
     ids = [encode_prompt(loaded.tokenizer, p.question, task) for p in prompts]
-    responses = _generate(loaded.model, loaded.tokenizer, ids, max_new_tokens=args.max_new_tokens, do_sample=True,
-                          num_return_sequences=args.k, temperature=1.0,
-                          batch_size=max(1, args.batch_sequences // args.k))
+    responses = generate_batched(loaded.model, loaded.tokenizer, ids, max_new_tokens=args.max_new_tokens,
+                                 do_sample=True, num_return_sequences=args.k, temperature=1.0,
+                                 batch_size=max(1, args.batch_sequences // args.k))
     correct = [[math_score(p.answer, loaded.tokenizer.decode(r)) for r in responses[i * args.k:(i + 1) * args.k]]
                for i, p in enumerate(prompts)]
     metrics = benchmark_metrics(correct, args.k)
