@@ -18,7 +18,7 @@ talking to each other. The mapping, also stated in docs/CLUSTER.md:
 - Refused: an SGLang engine on a learner GPU, and two SGLang engines on one GPU. Their weights arrive over NCCL,
   and NCCL cannot place two ranks of one communicator on one device (the second server would also run out of
   memory). HF engines may share the learner's GPU: their weights travel over gloo from CPU staging buffers
-  (learner/weight_sync.py, `transport_device`), which is the path a one-GPU colocated run takes.
+  (common/weight_protocol.py, `transport_device`), which is the path a one-GPU colocated run takes.
 
 A "GPU id" is a CUDA device index as an un-narrowed process on that host sees it. A role started with a narrowed
 CUDA_VISIBLE_DEVICES also gets DYNAMO_GPU_IDS (the ids behind its visible devices, in order), so `cuda_index` can

@@ -364,7 +364,7 @@ def launch_server(model_path: str, *, port: int, tp_size: int, dtype: str, seed:
 
 def sync_backend(cfg: Any) -> str:
     """The weight group's backend as the learner picks it for the per_tensor layout: NCCL when the learner's weights
-    live on a GPU, gloo otherwise (learner.weight_sync.transport_device); `auto` resolves on this host."""
+    live on a GPU, gloo otherwise (common.weight_protocol.transport_device); `auto` resolves on this host."""
     from common.models import resolve_device
 
     return "nccl" if resolve_device(cfg.learner.device).startswith("cuda") else "gloo"
