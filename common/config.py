@@ -174,7 +174,8 @@ class TaskConfig:
     params_json: str = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
     """reasoning-gym dataset parameters as a JSON object."""
     size: int = 256
-    """Training prompts."""
+    """Training prompts: how many reasoning_gym / procedural generate; with source = jsonl or hf, the most training
+    rows kept (a seeded sample, in file order; 0 keeps every row)."""
     eval_size: int = 64
     """Held-out evaluation prompts (disjoint seed); with source = hf, the most evaluation prompts kept (a seeded
     sample of the evaluation split)."""
@@ -183,7 +184,7 @@ class TaskConfig:
     path: str = ""
     """Local dataset file (.jsonl or .parquet) when source = jsonl."""
     split: str = "train"
-    """source = hf: the dataset split trained on (all of its rows)."""
+    """source = hf: the dataset split trained on (at most `size` of its rows)."""
     eval_name: str = ""
     """source = hf: dataset id / local path evaluated on ('' : task.name)."""
     eval_split: str = ""
@@ -218,7 +219,9 @@ class TaskConfig:
     """Apply the tokenizer's chat template (False: raw `question` text)."""
 
     def __post_init__(self) -> None:
-        _check(self.size >= 1, "task.size", "must be >= 1")
+        dataset = self.source in ("jsonl", "hf")
+        _check(self.size >= (0 if dataset else 1), "task.size",
+               f"must be >= {0 if dataset else 1} with task.source = {self.source} (got {self.size})")
         _check(self.eval_size >= 0, "task.eval_size", "must be >= 0")
         _check(0.0 <= self.eval_fraction < 1.0, "task.eval_fraction", "must be in [0, 1)")
         try:
@@ -560,7 +563,7 @@ def _paper(model: str, micro_batch_tokens: int) -> Config:
         algo=AlgorithmConfig(allocation_mode="reference", n_mean=16, n_min=8, n_max=24, initial_budget=8,
                              modulation=True, clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=10.0,
                              kl_coef=0.0, entropy_coef=0.0, loss_aggregation="token-mean", max_staleness=0),
-        task=TaskConfig(source="hf", name="BytedTsinghua-SIA/DAPO-Math-17k", split="train",
+        task=TaskConfig(source="hf", name="BytedTsinghua-SIA/DAPO-Math-17k", split="train", size=0,
                         eval_name="HuggingFaceH4/MATH-500", eval_split="test", eval_size=128, scorer="math",
                         reward_correct=1.0, reward_wrong=-1.0, system_prompt=PAPER_SYSTEM_PROMPT),
         buffer=BufferConfig(wave_size=512),

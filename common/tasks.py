@@ -10,12 +10,13 @@ Sources (`TaskConfig.source`):
   its answers are skewed (9 is the answer of 19% of pairs, 0 of 1%), so even a random tiny model learns first the
   answer format, then the frequent answers, then the comparison, and per-prompt success is very uneven.
 - `jsonl`: a local .jsonl/.json/.parquet file read with `datasets`; `question_field`/`answer_field` name the
-  columns (default `prompt`/`answer`). The whole file is used (size/eval_size do not apply); a seeded permutation
-  holds out `eval_fraction` of the rows. Ids are `f"{file stem}-{split}-{row index in the file}"`. Graded with
+  columns (default `prompt`/`answer`). A seeded permutation holds out `eval_fraction` of the rows (eval_size does
+  not apply); training keeps at most `size` of the others (a seeded sample; size 0: all of them). Ids are `f"{file stem}-{split}-{row index in the file}"`. Graded with
   math-verify. A row with a missing/empty field or an answer math-verify cannot parse raises `TaskError` naming the
   row at load time.
 - `hf`: a dataset read with `datasets.load_dataset` (a hub id, downloaded when online and cached; a local dataset
-  directory; or a local .parquet/.jsonl/.json file), split `task.split`, all rows. Columns come from a named field
+  directory; or a local .parquet/.jsonl/.json file), split `task.split`, at most `size` rows (a seeded sample in
+  row order; size 0: all rows). Columns come from a named field
   map (`HF_FIELD_MAPS`, picked by `task.field_map` or by the dataset id) or from `task.question_field` /
   `task.answer_field` / `task.answer_format`. Evaluation reads `task.eval_name` / `task.eval_split` (default: the
   training split with `eval_fraction` held out), at most `eval_size` rows (a seeded sample). Ids are
@@ -155,7 +156,8 @@ def _load_local(task: TaskConfig, split: Split) -> list[Prompt]:
     order = np.random.default_rng(task.seed).permutation(len(prompts))
     n_eval = int(round(task.eval_fraction * len(prompts)))
     chosen = sorted(order[:n_eval] if split == "eval" else order[n_eval:])
-    return [_with_split_id(prompts[i], f"{stem}-{split}-{i}") for i in chosen]
+    prompts = [_with_split_id(prompts[i], f"{stem}-{split}-{i}") for i in chosen]
+    return seeded_sample(prompts, task.size, task.seed) if split == "train" and task.size else prompts
 
 
 def _read_local_rows(path: Path) -> list[dict[str, Any]]:
@@ -288,10 +290,21 @@ def load_hf_prompts(task: TaskConfig, split: Split) -> HfLoad:
         n_eval = int(round(task.eval_fraction * len(prompts)))
         chosen = sorted(order[:n_eval] if split == "eval" else order[n_eval:])
         prompts = [prompts[i] for i in chosen]
-    if split == "eval" and len(prompts) > task.eval_size:
-        keep = np.random.default_rng(task.seed + EVAL_SEED_OFFSET).permutation(len(prompts))[:task.eval_size]
-        prompts = [prompts[i] for i in sorted(keep)]
+    if split == "eval":
+        prompts = seeded_sample(prompts, task.eval_size, task.seed + EVAL_SEED_OFFSET)
+    elif task.size:
+        prompts = seeded_sample(prompts, task.size, task.seed)
     return HfLoad(loaded.name, loaded.split, loaded.rows, prompts, loaded.skipped)
+
+
+def seeded_sample(prompts: list[Prompt], size: int, seed: int) -> list[Prompt]:
+    """At most `size` of `prompts`: a seeded sample kept in their order (all of them when there are no more)."""
+    import numpy as np
+
+    if len(prompts) <= size:
+        return prompts
+    keep = np.random.default_rng(seed).permutation(len(prompts))[:size]
+    return [prompts[i] for i in sorted(keep)]
 
 
 def _hf_rows_to_prompts(task: TaskConfig, name: str, dataset_split: str, split: Split) -> HfLoad:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import TaskConfig
+from common.config import ConfigError, TaskConfig
 from common.tasks import DAPO_PREFIX, TaskError, describe_task, load_hf_prompts, load_prompts, score_response
 
 pytestmark = pytest.mark.unit
@@ -108,3 +108,49 @@ def test_describe_task_reports_both_splits():
     lines = describe_task(TaskConfig(source="hf", name=DAPO, eval_name=MATH500, eval_split="test", eval_size=2))
     assert lines == [f"train: 6 prompts from {DAPO} [train] (6 rows)",
                      f"eval: 2 prompts from {MATH500} [test] (3 rows)"]
+
+
+def test_task_size_keeps_a_seeded_sample_of_the_training_rows():
+    everything = load_prompts(TaskConfig(source="hf", name=DAPO, eval_fraction=0.0, eval_size=0, size=0), "train")
+    assert len(everything) == 6                          # size 0: every row
+    task = TaskConfig(source="hf", name=DAPO, eval_fraction=0.0, eval_size=0, size=4)
+    sample = load_prompts(task, "train")
+    assert len(sample) == 4 and sample == load_prompts(task, "train")  # reproducible
+    ids = [p.prompt_id for p in everything]
+    assert all(p in everything for p in sample)          # whole prompts, ids unchanged
+    assert [ids.index(p.prompt_id) for p in sample] == sorted(ids.index(p.prompt_id) for p in sample)  # file order
+    other_seeds = {tuple(p.prompt_id for p in load_prompts(TaskConfig(source="hf", name=DAPO, eval_fraction=0.0,
+                                                                      eval_size=0, size=4, seed=s), "train"))
+                   for s in range(1, 6)}
+    assert len(other_seeds | {tuple(p.prompt_id for p in sample)}) > 1  # the seed picks the sample
+    larger = TaskConfig(source="hf", name=DAPO, eval_fraction=0.0, eval_size=0, size=100)
+    assert load_prompts(larger, "train") == everything   # a cap above the row count keeps every row
+
+
+def test_task_size_caps_the_training_rows_left_after_the_held_out_fraction():
+    task = TaskConfig(source="hf", name=DAPO, eval_fraction=0.5, size=2)
+    train, held_out = load_prompts(task, "train"), load_prompts(task, "eval")
+    assert len(train) == 2 and len(held_out) == 3       # round(0.5 * 6) = 3 held out; 2 of the other 3 trained on
+    assert not {p.prompt_id.rsplit("-", 1)[1] for p in train} & {p.prompt_id.rsplit("-", 1)[1] for p in held_out}
+    assert describe_task(task)[0] == f"train: 2 prompts from {DAPO} [train] (6 rows)"
+
+
+def test_task_size_caps_the_training_rows_of_a_local_jsonl_file(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(10)))
+    whole = TaskConfig(source="jsonl", path=str(path), eval_fraction=0.2, size=0)
+    train_all, held_out = load_prompts(whole, "train"), load_prompts(whole, "eval")
+    assert len(train_all) == 8 and len(held_out) == 2    # round(0.2 * 10) = 2 held out
+    capped = TaskConfig(source="jsonl", path=str(path), eval_fraction=0.2, size=3)
+    train = load_prompts(capped, "train")
+    assert len(train) == 3 and all(p in train_all for p in train) and train == load_prompts(capped, "train")
+    assert load_prompts(capped, "eval") == held_out       # the held-out rows do not depend on size
+
+
+def test_task_size_zero_means_every_row_only_for_dataset_sources():
+    assert TaskConfig(source="hf", name=DAPO, size=0).size == 0
+    assert TaskConfig(source="jsonl", path="rows.jsonl", size=0).size == 0
+    with pytest.raises(ConfigError, match="task.size"):
+        TaskConfig(source="reasoning_gym", size=0)
+    with pytest.raises(ConfigError, match="task.size"):
+        TaskConfig(source="hf", name=DAPO, size=-1)
