@@ -395,6 +395,16 @@ class LearnerConfig:
     """`auto`, `cpu` or `cuda:N`."""
     gpus: tuple[int, ...] = ()
     """GPU ids of the learner host, one per data-parallel rank (local rank r uses gpus[r]); empty: GPU r."""
+    sharding: Literal["fsdp", "replicate"] = "fsdp"
+    """With more than one learner rank (WORLD_SIZE > 1): `fsdp` shards the float32 weights, gradients and AdamW
+    state over the ranks (FSDP2; the layers are gathered one at a time in `dtype` for forward and backward),
+    `replicate` keeps a whole copy on every rank and all-reduces the gradients. One rank: no effect."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (less memory, one more
+    forward of the body per micro-batch)."""
+    cpu_offload: bool = False
+    """FSDP only, GPU only: keep the sharded weights, gradients and AdamW state in host memory (FSDP2's
+    CPUOffloadPolicy; the optimizer step runs on the CPU)."""
     dist_timeout_s: float = 1800.0
     """Timeout of the data-parallel learner's collectives. The other ranks wait in one while rank 0 fetches a batch
     (up to fetch_timeout_s) and evaluates, so it must exceed fetch_timeout_s."""
@@ -439,6 +449,12 @@ class LearnerConfig:
         _check(self.sync_bucket_mb >= 1, "learner.sync_bucket_mb", "must be >= 1")
         _check(self.sync_timeout_s > 0, "learner.sync_timeout_s", "must be > 0")
         _check_gpu_ids(self.gpus, "learner.gpus")
+        _check(self.sharding in ("fsdp", "replicate"), "learner.sharding",
+               f"must be 'fsdp' or 'replicate', got {self.sharding!r}")
+        _check(not self.cpu_offload or self.sharding == "fsdp", "learner.cpu_offload",
+               "needs learner.sharding 'fsdp'")
+        _check(not self.cpu_offload or self.device != "cpu", "learner.cpu_offload",
+               "needs the learner on a GPU (learner.device is 'cpu')")
         _check(self.dist_timeout_s > self.fetch_timeout_s, "learner.dist_timeout_s",
                f"must exceed learner.fetch_timeout_s ({self.fetch_timeout_s}), got {self.dist_timeout_s}")
 

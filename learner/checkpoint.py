@@ -11,7 +11,8 @@ otherwise create its moments with a zero step, and the resumed AdamW would count
 Two ways to save. `collective=False` (the replicated learner: rank 0 alone, or a single process) writes without a
 process group. `collective=True` is called by every rank of the default group: each writes its share of the tensors
 (replicated tensors once), then rank 0 alone writes trainer.pt and renames. Loading is the same: `collective=True`
-when every rank loads together, `collective=False` when each process reads the full state on its own.
+when every rank loads together, `collective=False` when each process reads the full state on its own. The
+sharded (FSDP) learner saves and loads collectively only (`state.sharded`; a rank alone holds part of each tensor).
 
 The weights are not written a second time as safetensors: `learner.export` loads the model's part of `trainer/`
 straight into a model built from the run's base model (DCP reads a subset of keys without reading the AdamW
@@ -141,6 +142,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read (each failing rank's error in the message)."""
 
 
+def _check_collective(state: LearnerState, collective: bool, action: str) -> None:
+    """A sharded learner's rank holds a part of each tensor: alone it would write or fill only that part."""
+    if state.sharded and not collective:
+        raise ValueError(f"{action} a sharded (FSDP) learner needs collective=True, called on every rank")
+
+
 def _dcp(action: str, state_dict: dict[str, Any], path: Path, collective: bool) -> None:
     """dcp.save or dcp.load (`action`). DCP raises a CheckpointException, a BaseException that `except Exception`
     handlers would not see, so it becomes a CheckpointError. Without `collective` DCP warns on every call that it
@@ -170,7 +177,9 @@ def save_checkpoint(run_dir: str | Path, state: LearnerState, keep: int = 2, col
     """Write the checkpoint of `state.version` atomically; returns its directory.
 
     collective=True: every rank of the default process group calls this; each writes its share of the tensors into
-    rank 0's temporary directory, then rank 0 writes the rest and renames it into place."""
+    rank 0's temporary directory, then rank 0 writes the rest and renames it into place. A sharded learner
+    (`state.sharded`) must save collectively."""
+    _check_collective(state, collective, "saving")
     lead = not collective or dist.get_rank() == 0
     root = checkpoint_dir(run_dir)
     final = root / f"step_{state.version:08d}"
@@ -248,9 +257,11 @@ def load_checkpoint(path: str | Path, state: LearnerState, collective: bool = Fa
     """Restore weights, optimizer, scheduler, version and RNG states into `state` (built the same way).
 
     collective=True: every rank of the default process group loads together; False: this process reads alone.
-    A checkpoint of the previous format (model.safetensors, optimizer inside trainer.pt) loads as well."""
+    A checkpoint of the previous format (model.safetensors, optimizer inside trainer.pt) loads as well. A sharded
+    learner (`state.sharded`) must load collectively."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    _check_collective(state, collective, "loading into")
     path = Path(path)
     # The optimizer moves its state onto the parameters' device itself; RNG states must stay on the CPU.
     trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")

@@ -17,14 +17,21 @@ Order of operations in `train_step(state, batch, cfg)`:
 Dropout stays off (the model is in eval mode) so that pi_theta equals pi_prox at the start of a step.
 
 Precision: weights, gradients and AdamW state are float32; `learner.dtype` bfloat16 runs the forward passes
-under autocast (`compute_precision`).
+under autocast (`compute_precision`), or, for the sharded learner, with the layers gathered in bfloat16 (FSDP's
+MixedPrecisionPolicy; gradients are reduced in float32).
 
-Data parallel (torchrun; run on gloo ranks on CPUs only): every rank gets the same batch (rank 0 fetches and
-broadcasts it, see learner/train.py), takes every world_size-th micro-batch of each mini-batch, divides by the
-global denominators, and the gradients are summed with one all-reduce per optimizer step; scope statistics are
-reduced with max/min. A rank with no micro-batch in a mini-batch still joins every collective (neutral statistics,
-zero gradients). Metrics are rank 0's shard. FSDP for models that do not fit one GPU would replace the manual
-all-reduce; it is not implemented.
+Several ranks (torchrun): every rank gets the same batch (rank 0 fetches and broadcasts it, see learner/train.py),
+takes every world_size-th micro-batch of each mini-batch and divides by the global denominators, so the step's
+gradient is the SUM over ranks; scope statistics are reduced with max/min. Metrics are rank 0's shard. Two
+layouts (`learner.sharding`, learner/sharding.py):
+- `fsdp` (FSDP2): each rank holds 1/world of every float32 weight, gradient and AdamW moment, and each forward
+  all-gathers the layers, so every rank must run the same number of forwards and backwards. The even-micro-batch
+  rule: a rank with fewer micro-batches than the busiest one pads its list with neutral ones (a copy of the
+  mini-batch's first micro-batch, its statistics ignored and its loss multiplied by 0) in the scope-statistics
+  pre-pass, the pi_prox pass and the loss pass. Gradients accumulate on each rank and are reduce-scattered (as a
+  sum) once per optimizer step, with the last micro-batch's backward; the norm clip is over the global norm.
+- `replicate`: whole copies, the gradients summed with one all-reduce per optimizer step; a rank with no
+  micro-batch in a mini-batch skips the passes and contributes zero gradients.
 """
 
 from __future__ import annotations
@@ -67,8 +74,13 @@ class ResponseLogits(nn.Module):
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden.gather(1, logit_index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor) -> Tensor:
-        return self.model.get_output_embeddings()(self.response_hidden(input_ids, attention_mask, logit_index))
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor,
+                hidden_only: bool = False) -> Tensor:
+        """Logits [B, R, V], or with `hidden_only` the LM head's input [B, R, H]. The chunked loss head calls this
+        too (not `response_hidden`): under FSDP the root's parameters (embeddings, final norm, LM head) are
+        gathered when this module's forward runs, and stay gathered until its backward."""
+        hidden = self.response_hidden(input_ids, attention_mask, logit_index)
+        return hidden if hidden_only else self.model.get_output_embeddings()(hidden)
 
 
 @dataclass
@@ -79,24 +91,36 @@ class LearnerState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     version: int = 0
     """Learner steps completed = the policy version of the current weights."""
+    sharded: bool = False
+    """FSDP2: `policy` is the root of the sharded model (learner/sharding.py); parameters are DTensor shards."""
+    device: torch.device = torch.device("cpu")
+    """Where the forward and backward passes run (sharded weights may live in host memory: learner.cpu_offload)."""
 
 
-def build_state(model: nn.Module, cfg: LearnerConfig) -> LearnerState:
-    """AdamW with a linear warm-up over `warmup_steps` learner steps, then a constant learning rate."""
+def build_state(model: nn.Module, cfg: LearnerConfig, sharded: bool = False) -> LearnerState:
+    """AdamW with a linear warm-up over `warmup_steps` learner steps, then a constant learning rate.
+
+    `sharded`: fully_shard the model over every rank of the default process group first (learner/sharding.py), so
+    that AdamW holds this rank's shards; `cfg.activation_checkpointing` applies either way."""
+    from learner.sharding import prepare_policy
+
     model.eval()  # no dropout: see the module docstring
+    device = next(model.parameters()).device
+    policy = ResponseLogits(model, cfg.loss_chunk_tokens)
+    prepare_policy(policy, cfg, device, sharded)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
-    return LearnerState(model=model, policy=ResponseLogits(model, cfg.loss_chunk_tokens), optimizer=optimizer,
-                        scheduler=scheduler)
+    return LearnerState(model=model, policy=policy, optimizer=optimizer, scheduler=scheduler, sharded=sharded,
+                        device=device)
 
 
 def token_outputs(policy: ResponseLogits, mb: MicroBatch, temperature: float,
                   entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(log pi(target) with grad, entropy, E_pi[pi Lambda]), each [B, R], at the sampling temperature."""
     if policy.loss_chunk_tokens > 0:
-        hidden = policy.response_hidden(mb.input_ids, mb.attention_mask, mb.logit_index)  # [B, R, H]
+        hidden = policy(mb.input_ids, mb.attention_mask, mb.logit_index, hidden_only=True)  # [B, R, H]
         return head_token_outputs(hidden, policy.model.get_output_embeddings(), mb.targets, temperature=temperature,
                                   chunk_tokens=policy.loss_chunk_tokens, entropy_grad=entropy_grad)
     logits = policy(mb.input_ids, mb.attention_mask, mb.logit_index) / temperature  # [B, R, V]
@@ -172,16 +196,25 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _shard(micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+def _shard(micro_batches: list[MicroBatch], even: bool = False) -> tuple[list[MicroBatch], list[MicroBatch]]:
+    """(this rank's micro-batches, neutral padding). `even` (FSDP): the padding, copies of the first micro-batch,
+    makes every rank's count ceil(n / world), so that every rank runs the same forwards and backwards."""
     rank, world = _world()
-    return micro_batches[rank::world]
+    mine = micro_batches[rank::world]
+    if not even or not micro_batches:
+        return mine, []
+    return mine, [micro_batches[0]] * (math.ceil(len(micro_batches) / world) - len(mine))
 
 
 @torch.no_grad()
-def record_prox_logp(policy: nn.Module, micro_batches: list[MicroBatch], temperature: float) -> None:
-    """Store pi_prox (the current weights) on each micro-batch, for mini-batches trained after weights moved."""
+def record_prox_logp(policy: nn.Module, micro_batches: list[MicroBatch], temperature: float,
+                     neutral: list[MicroBatch] = ()) -> None:
+    """Store pi_prox (the current weights) on each micro-batch, for mini-batches trained after weights moved;
+    the `neutral` forwards only keep the ranks' passes even."""
     for mb in micro_batches:
         mb.prox_logp = token_outputs(policy, mb, temperature)[0].detach()
+    for mb in neutral:
+        token_outputs(policy, mb, temperature)
 
 
 def _ratio(logp: Tensor, prox_logp: Tensor) -> Tensor:
@@ -189,8 +222,12 @@ def _ratio(logp: Tensor, prox_logp: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def minibatch_scope_stats(policy: nn.Module, micro_batches: list[MicroBatch], cfg: Config) -> ScopeStats:
-    """H_max, H_min and max Xi over every valid token of the mini-batch (a no-grad pre-pass)."""
+def minibatch_scope_stats(policy: nn.Module, micro_batches: list[MicroBatch], cfg: Config,
+                          neutral: list[MicroBatch] = ()) -> ScopeStats:
+    """H_max, H_min and max Xi over every valid token of the mini-batch (a no-grad pre-pass); the `neutral`
+    forwards only keep the ranks' passes even."""
+    for mb in neutral:
+        token_outputs(policy, mb, cfg.actor.temperature)
     parts = []
     for mb in micro_batches:
         logp, entropy, expect = token_outputs(policy, mb, cfg.actor.temperature)
@@ -270,23 +307,33 @@ def compute_precision(cfg: Config, device: torch.device) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=getattr(torch, cfg.learner.dtype))
 
 
+def _precision(state: LearnerState, cfg: Config) -> contextlib.AbstractContextManager:
+    """The sharded model casts its gathered layers itself (MixedPrecisionPolicy); autocast is for the others."""
+    return contextlib.nullcontext() if state.sharded else compute_precision(cfg, state.device)
+
+
 def accumulate_gradients(state: LearnerState, micro_batches: list[MicroBatch], denominators: tuple[float, float],
                          cfg: Config) -> dict[str, float]:
     """Backward over one mini-batch's micro-batches into .grad (zeroed first); returns the loss metrics."""
-    mine = _shard(micro_batches)
+    from learner.sharding import set_gradient_sync
+
+    mine, neutral = _shard(micro_batches, even=state.sharded)
     stats = None
-    device = next(state.model.parameters()).device
     if cfg.algo.modulation and cfg.algo.modulation_scope == "minibatch" and len(micro_batches) > 1:
-        with compute_precision(cfg, device):
-            stats = minibatch_scope_stats(state.policy, mine, cfg)
+        with _precision(state, cfg):
+            stats = minibatch_scope_stats(state.policy, mine, cfg, neutral)
     state.optimizer.zero_grad(set_to_none=True)
     acc = MetricAccumulator(sum_keys=("loss/policy", "loss/total", "loss/valid_tokens"))
-    for mb in mine:
-        with compute_precision(cfg, device):
+    passes = [(mb, 1.0) for mb in mine] + [(mb, 0.0) for mb in neutral]
+    for i, (mb, weight) in enumerate(passes):
+        set_gradient_sync(state.policy, i == len(passes) - 1)  # one reduce-scatter per optimizer step
+        with _precision(state, cfg):
             loss, metrics = micro_batch_loss(state.policy, mb, cfg, denominators, stats)
-        loss.backward()  # outside autocast: backward runs each op in the dtype its forward chose
-        acc.add(metrics, weight=mb.num_tokens)
-    _all_reduce_gradients(state.model)
+        (loss * weight).backward()  # outside autocast: backward runs each op in the dtype its forward chose
+        if weight:
+            acc.add(metrics, weight=mb.num_tokens)
+    if not state.sharded:
+        _all_reduce_gradients(state.model)
     return acc.result()
 
 
@@ -294,6 +341,8 @@ def apply_gradients(state: LearnerState, cfg: LearnerConfig) -> dict[str, float]
     """Clip the global gradient norm (grad_clip 0: measure only) and take the AdamW step."""
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a DTensor, already reduced over the ranks
+        grad_norm = grad_norm.full_tensor()
     state.optimizer.step()
     return {"optim/grad_norm": float(grad_norm)}
 
@@ -307,14 +356,15 @@ def peak_memory_mb(device: torch.device) -> float:
 def train_step(state: LearnerState, batch: Batch, cfg: Config) -> dict[str, float]:
     """One learner step on `batch`; returns its metrics and advances `state.version` by one."""
     start = time.perf_counter()
-    device = next(state.model.parameters()).device
+    device = state.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prepared = prepare_step(batch, cfg)
     mini_batches = [[mb.to(device) for mb in mbs] for mbs in prepared.mini_batches]
     for mbs in mini_batches[1:]:
-        with compute_precision(cfg, device):
-            record_prox_logp(state.policy, _shard(mbs), cfg.actor.temperature)
+        mine, neutral = _shard(mbs, even=state.sharded)
+        with _precision(state, cfg):
+            record_prox_logp(state.policy, mine, cfg.actor.temperature, neutral)
     acc = MetricAccumulator(sum_keys=("loss/valid_tokens",))
     lr = state.optimizer.param_groups[0]["lr"]
     for mbs, denominators in zip(mini_batches, prepared.denominators):
@@ -323,6 +373,8 @@ def train_step(state: LearnerState, batch: Batch, cfg: Config) -> dict[str, floa
         acc.add(metrics, weight=denominators[0])
     state.scheduler.step()
     state.version += 1
+    if state.sharded:  # the sharded parameters back on the modules, also after a step without a backward
+        state.policy.reshard()
     elapsed = time.perf_counter() - start
     tokens = sum(int(mb.attention_mask.sum()) for mbs in mini_batches for mb in mbs)
     metrics = {k: float(v) for k, v in prepared.metrics.items()}

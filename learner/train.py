@@ -98,10 +98,11 @@ def build_learner(cfg: Config, run_dir: Path, resume: bool, device: torch.device
     torch.set_num_threads(cfg.torch_threads("learner"))
     # float32 master weights whatever learner.dtype says: that is the autocast compute dtype (learner/step.py)
     model = load_model(cfg.run.model, dtype=torch.float32, device=device)
-    state = build_state(model, cfg.learner)
+    sharded = dist.is_initialized() and dist.get_world_size() > 1 and cfg.learner.sharding == "fsdp"
+    state = build_state(model, cfg.learner, sharded=sharded)  # FSDP2: learner/sharding.py
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        load_checkpoint(checkpoint, state)
+        load_checkpoint(checkpoint, state, collective=state.sharded)
         logger.info("resumed from %s at version %d", checkpoint, state.version)
     elif resume:
         logger.warning("--resume: no checkpoint in %s; starting at version 0", run_dir)
@@ -163,14 +164,25 @@ def connect_buffer(cfg: Config, run_dir: Path, state: LearnerState, stop: StopRe
 
     client = BufferClient.from_config(cfg.buffer, timeout_s=cfg.learner.buffer_timeout_s, secret=cfg.run.secret)
     return BufferLink(client, cfg, stop.event, version=lambda: state.version,
-                      on_lost=lambda: save_checkpoint(run_dir, state))
+                      on_lost=lambda: checkpoint_on_loss(run_dir, state))
+
+
+def checkpoint_on_loss(run_dir: Path, state: LearnerState) -> None:
+    """Rank 0 alone, when the buffer is lost. A sharded model's other ranks wait in `share_batch` and cannot join
+    a save; they checkpoint with rank 0 when the stop or the next step reaches them."""
+    if state.sharded:
+        logger.warning("buffer lost: a sharded learner checkpoints with all ranks at its next save, not now")
+        return
+    save_checkpoint(run_dir, state)
 
 
 def checkpoint(state: LearnerState, run_dir: Path, client: Any) -> dict[str, float]:
+    """Every rank of a sharded learner calls this (each writes its shards); rank 0 (`client`) asks for a snapshot."""
     start = time.perf_counter()
-    path = save_checkpoint(run_dir, state)
-    note = client.snapshot()
-    logger.info("checkpoint %s; buffer snapshot: %s", path, note)
+    path = save_checkpoint(run_dir, state, collective=state.sharded)
+    if client is not None:
+        note = client.snapshot()
+        logger.info("checkpoint %s; buffer snapshot: %s", path, note)
     return {"time/checkpoint_s": time.perf_counter() - start}
 
 
@@ -269,26 +281,27 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
                 publisher.synced_version = 0
             if evaluator.due(state.version, last=False):
                 metrics_log.log(state.version, evaluator.run(state.model))
-        while state.version < cfg.learner.total_steps and not stop:
+        while state.version < cfg.learner.total_steps:  # a stop reaches every rank as rank 0's None batch
             batch, waited = (fetch_batch(client, cfg, stop, lambda: publisher.retry_if_behind(
                 state.model, state.version)) if lead else (None, 0.0))
             batch = share_batch(batch, world, device)
             if batch is None:
                 break
             metrics = run_step(state, batch, cfg, publisher, waited)
+            every = cfg.learner.checkpoint_every
+            due = bool(every) and state.version % every == 0 and (lead or state.sharded)
+            saved = checkpoint(state, run_dir, client) if due else {}
             if not lead:
                 continue
             metrics.update(client.take_metrics())
-            every = cfg.learner.checkpoint_every
-            if every and state.version % every == 0:
-                metrics.update(checkpoint(state, run_dir, client))
+            metrics.update(saved)
             if not stop and evaluator.due(state.version, last=state.version >= cfg.learner.total_steps):
                 metrics.update(evaluator.run(state.model))
             metrics_log.log(state.version, metrics)
             logger.info("step %d: loss %.4f reward %.3f (%.1f s, idle %.0f%%)", state.version,
                         metrics.get("loss/policy", float("nan")), metrics.get("reward/mean", float("nan")),
                         metrics["time/step_s"], 100 * metrics["time/idle_fraction"])
-        if lead:
+        if lead or state.sharded:
             checkpoint(state, run_dir, client)
     finally:
         for closable in (sender, client, metrics_log):
