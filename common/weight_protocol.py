@@ -75,10 +75,16 @@ def flat_offsets(bucket: list[TensorSpec]) -> tuple[list[int], int]:
 
 def plan_buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[TensorSpec]]:
     """Consecutive tensors grouped into buckets of <= bucket_bytes (a larger tensor gets a bucket of its own)."""
+    return bucket_specs([TensorSpec(name=name, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape))
+                         for name, tensor in named], bucket_bytes)
+
+
+def bucket_specs(specs: list[TensorSpec], bucket_bytes: int) -> list[list[TensorSpec]]:
+    """`plan_buckets` from names, dtypes and shapes alone (no tensor data needed: every rank of a sharded learner
+    computes the same plan)."""
     buckets: list[list[TensorSpec]] = [[]]
     used = 0
-    for name, tensor in named:
-        spec = TensorSpec(name=name, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape))
+    for spec in specs:
         size = flat_offsets([spec])[1]
         if buckets[-1] and used + size > bucket_bytes:
             buckets.append([])

@@ -14,7 +14,9 @@ and first re-broadcasts the resumed weights so actors catch up.
 
 Data parallel under torchrun (WORLD_SIZE > 1; run on CPU gloo ranks only): every rank builds the model,
 global rank 0 alone talks to the buffer, broadcasts each batch (msgpack bytes) to the other ranks, owns the
-`WeightSender`, writes checkpoints and metrics; gradients are summed across ranks inside `learner.step`.
+`WeightSender`, writes checkpoints and metrics; gradients are summed across ranks inside `learner.step`. With a
+sharded (DTensor) model the other ranks take part in every weight broadcast, which gathers the model bucket by
+bucket (`learner.weight_sync.ShardGatherer`; a re-send from the fetch wait reaches them through `share_batch`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ FETCH_WAIT_S = 1.0
 learner never sleeps past their arrival; between two holds it re-sends missed weights (`on_wait`)."""
 FETCH_RETRY_PAUSE_S = 0.005
 """Pause after an empty reply (it only comes back early if the buffer could not hold the request)."""
+RESEND_WEIGHTS = -1
+"""`share_batch`'s control word for "join a weight re-send now" (a sharded model is gathered by every rank)."""
 
 
 class StopRequested:
@@ -117,8 +121,27 @@ def build_sender(cfg: Config, device: torch.device) -> Any:
 
     plan = plan_layout(cfg)
     world_size, layout = plan.world_size, plan.weight_layout
-    # Ship weights in the engine's dtype: half the bytes for bf16 engines, and they would cast anyway.
-    return WeightSender(cfg.learner, world_size, device, layout, wire_dtype=getattr(torch, cfg.actor.dtype))
+    return WeightSender(cfg.learner, world_size, device, layout, wire_dtype=wire_dtype(cfg))
+
+
+def wire_dtype(cfg: Config) -> torch.dtype:
+    """Weights ship in the engine's dtype: half the bytes for bf16 engines, and they would cast anyway. A sharded
+    model's ranks gather in it too, so the sender and `build_follower` must use the same one."""
+    return getattr(torch, cfg.actor.dtype)
+
+
+def build_follower(cfg: Config, device: torch.device) -> Any:
+    """A rank > 0 of a sharded model: its part (the gathers) of each weight broadcast rank 0 sends."""
+    from learner.weight_sync import ShardGatherer
+
+    return ShardGatherer(cfg.learner, device, wire_dtype=wire_dtype(cfg))
+
+
+def is_sharded(model: torch.nn.Module, world: int) -> bool:
+    """Whether the weights live as DTensor shards over the learner's ranks, so every rank joins each broadcast."""
+    from learner.weight_sync import has_dtensors
+
+    return world > 1 and has_dtensors(model)
 
 
 def fetch_batch(client: Any, cfg: Config, stop: StopRequested,
@@ -139,14 +162,26 @@ def fetch_batch(client: Any, cfg: Config, stop: StopRequested,
     return None, time.perf_counter() - start
 
 
-def share_batch(batch: Batch | None, world: int, device: torch.device) -> Batch | None:
-    """Data parallel: rank 0's batch (or None = stop) to every rank, as msgpack bytes in a uint8 tensor."""
+def share_batch(batch: Batch | None, world: int, device: torch.device,
+                on_resend: Callable[[], Any] | None = None) -> Batch | None:
+    """Data parallel: rank 0's batch (or None = stop) to every rank, as msgpack bytes in a uint8 tensor.
+
+    The control word first: the batch's size, 0 to stop, or RESEND_WEIGHTS (`request_resend`: rank 0 re-sends the
+    weights of a sharded model from its fetch wait), on which the other ranks run `on_resend`, their part of that
+    broadcast, and wait for the next word."""
     if world == 1:
         return batch
     payload = encode_message(batch) if (dist.get_rank() == 0 and batch is not None) else b""
     comm_device = device if device.type == "cuda" else torch.device("cpu")
     size = torch.tensor([len(payload)], dtype=torch.long, device=comm_device)
     dist.broadcast(size, 0)
+    while int(size) == RESEND_WEIGHTS:
+        if on_resend is None:
+            raise RuntimeError("share_batch: rank 0 asked for a weight re-send, but this rank has no sharded model")
+        on_resend()
+        dist.broadcast(size, 0)
+    if int(size) < 0:
+        raise RuntimeError(f"share_batch: control word {int(size)} from rank 0 is neither a size, 0 nor a re-send")
     if int(size) == 0:
         return None
     data = torch.empty(int(size), dtype=torch.uint8, device=comm_device)
@@ -154,6 +189,12 @@ def share_batch(batch: Batch | None, world: int, device: torch.device) -> Batch 
         data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
     dist.broadcast(data, 0)
     return decode_message(data.cpu().numpy().tobytes(), "reply")
+
+
+def request_resend(device: torch.device) -> None:
+    """Rank 0, in its fetch wait: wake the other ranks (waiting in `share_batch`) for a weight re-send."""
+    comm_device = device if device.type == "cuda" else torch.device("cpu")
+    dist.broadcast(torch.tensor([RESEND_WEIGHTS], dtype=torch.long, device=comm_device), 0)
 
 
 def connect_buffer(cfg: Config, run_dir: Path, state: LearnerState, stop: StopRequested) -> Any:
@@ -215,14 +256,16 @@ class Publisher:
     least as new as the reported version, so without the retry a missed version would leave them waiting while the
     learner waits for their groups. A version counts as delivered (`perf/sync_ok` = 1) only when every member of
     the weight group acknowledged it; a re-send of a version the actors already hold is taken part in like any
-    other, so the retry after a rebuild completes."""
+    other, so the retry after a rebuild completes. With a sharded model every rank joins a broadcast: after a step
+    they are all in `run_step`; for a retry `wake_followers` (`request_resend`) calls them out of `share_batch`."""
 
     RETRY_EVERY_S = 2.0
     RETRY_JOIN_WAIT_S = 1.0
 
-    def __init__(self, sender: Any, client: Any):
+    def __init__(self, sender: Any, client: Any, wake_followers: Callable[[], None] | None = None):
         self.sender = sender
         self.client = client
+        self.wake_followers = wake_followers
         self.synced_version = -1
         self._last_try = 0.0
 
@@ -240,6 +283,8 @@ class Publisher:
         self._last_try = time.monotonic()
         if self.synced_version >= version and not self.sender.rejoin_requested():
             return
+        if self.wake_followers is not None:
+            self.wake_followers()
         self._record(self.sender.broadcast(model, version, join_wait_s=self.RETRY_JOIN_WAIT_S), version)
 
     def _record(self, metrics: dict[str, float], version: int) -> None:
@@ -251,12 +296,15 @@ class Publisher:
 
 
 def run_step(state: LearnerState, batch: Batch, cfg: Config, publisher: Publisher | None,
-             fetch_wait_s: float) -> dict[str, float]:
-    """Train on one batch, broadcast version V, then report V; returns the step's metrics."""
+             fetch_wait_s: float, follower: Any = None) -> dict[str, float]:
+    """Train on one batch, broadcast version V, then report V; returns the step's metrics. A rank > 0 of a sharded
+    model (`follower`) joins the broadcast's gathers."""
     start = time.perf_counter()
     metrics = train_step(state, batch, cfg)
     if publisher is not None:
         metrics.update(publisher.publish(state.model, state.version))
+    elif follower is not None:
+        follower.follow(state.model)
     step_s = time.perf_counter() - start
     metrics.update({"time/fetch_wait_s": fetch_wait_s, "time/step_s": step_s,
                     "time/idle_fraction": fetch_wait_s / (fetch_wait_s + step_s)})
@@ -268,11 +316,16 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
     lead = rank == 0
     client = connect_buffer(cfg, run_dir, state, stop) if lead else None
     sender = build_sender(cfg, device) if lead else None
-    publisher = Publisher(sender, client) if lead else None
+    sharded = is_sharded(state.model, world)
+    publisher = Publisher(sender, client, (lambda: request_resend(device)) if sharded else None) if lead else None
+    follower = build_follower(cfg, device) if sharded and not lead else None
+    on_resend = (lambda: follower.follow(state.model)) if follower is not None else None
     metrics_log = MetricsLogger(run_dir, "learner", cfg.run.wandb_mode, cfg.run.wandb_project,
                                 config_to_dict(cfg)) if lead else None
     evaluator = Evaluator(cfg) if lead else None
     try:
+        if follower is not None and state.version > 0:  # rank 0's re-broadcast of the resumed weights, below
+            follower.follow(state.model)
         if lead:
             client.register("learner", "learner")
             if state.version > 0:  # resumed: actors may hold other weights, the buffer a newer version
@@ -284,10 +337,10 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
         while state.version < cfg.learner.total_steps:  # a stop reaches every rank as rank 0's None batch
             batch, waited = (fetch_batch(client, cfg, stop, lambda: publisher.retry_if_behind(
                 state.model, state.version)) if lead else (None, 0.0))
-            batch = share_batch(batch, world, device)
+            batch = share_batch(batch, world, device, on_resend)
             if batch is None:
                 break
-            metrics = run_step(state, batch, cfg, publisher, waited)
+            metrics = run_step(state, batch, cfg, publisher, waited, follower)
             every = cfg.learner.checkpoint_every
             due = bool(every) and state.version % every == 0 and (lead or state.sharded)
             saved = checkpoint(state, run_dir, client) if due else {}

@@ -2,6 +2,7 @@
 
     sender = WeightSender(cfg.learner, world_size, device, layout)      # learner/train.py: build_sender
     metrics = sender.broadcast(model, version)                          # perf/sync_ok: every member confirmed
+    ShardGatherer(cfg.learner, device).follow(model)                    # learner ranks > 0 of a sharded model
 
 The protocol both sides share (bucket plans, the process group, store keys, announcements) is in
 `common.weight_protocol`; the receivers are in `actor.weight_receiver`; docs/ARCHITECTURE.md ("Weight sync")
@@ -25,6 +26,13 @@ describes the whole exchange and the SGLang contract it relies on. Per `broadcas
    the generation bumped, `perf/sync_ok = 0`; the next version (or `Publisher.retry_if_behind`) forms a new one.
 4. Rejoin requests: a receiver that (re)starts or loses its group raises `<base>/rejoin/<rank>` and takes it back
    once joined; a sender holding a complete group while a flag is raised rebuilds at its next broadcast.
+5. A sharded learner (FSDP2: parameters are DTensors sharded over the learner's ranks). The tensors are produced
+   lazily, bucket by bucket in plan order, and a DTensor is gathered with `full_tensor()`, a collective of every
+   learner rank; so rank 0 never holds more than one bucket of whole tensors beyond the one on the wire (`flat`:
+   one tensor; `per_tensor`: two buckets), instead of the whole model. After formation rank 0 broadcasts one word
+   over the learner's default group (`agree`): the version about to be sent, or SKIP when there is no group, so
+   the other ranks (`ShardGatherer.follow`) run the same gather sequence, from the same plan, or none. A failed
+   send still finishes the gather sequence, so the ranks stay in step.
 
 The store serves on `learner.sync_address` only (not every interface); see docs/CLUSTER.md for what that leaves
 exposed. NCCL needs NCCL_CUMEM_ENABLE=0 and NCCL_NVLS_ENABLE=0 before the process's first communicator
@@ -39,21 +47,138 @@ import os
 import secrets
 import threading
 import time
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
 
 import torch
 import zmq
 
 from common.config import LearnerConfig
 from common.schemas import TensorSpec, WeightAnnouncement, encode_message
-from common.weight_protocol import (ACK_FAILED, LAYOUTS, GroupFactory, ack_key, connect_store, current_key,
-                                    flat_offsets, join_key, new_process_group, plan_buckets,
-                                    prepare_nccl_environment, rejoin_key, transport_device, unique_named_tensors,
-                                    wait_for_keys)
+from common.weight_protocol import (ACK_FAILED, LAYOUTS, GroupFactory, ack_key, bucket_specs, connect_store,
+                                    current_key, dtype_from_name, dtype_name, flat_offsets, join_key,
+                                    new_process_group, prepare_nccl_environment, rejoin_key, tensor_nbytes,
+                                    transport_device, wait_for_keys)
 
 logger = logging.getLogger(__name__)
 
 INVITE_PERIOD_S = 0.5
+SKIP = -1
+"""The agreement's word for "no data send this time" (any other value is the version about to be sent)."""
+
+
+class ShardGatherError(Exception):
+    """A learner rank failed while gathering a sharded tensor: the learner's own process group is broken (not the
+    weight-update group), so this is not a failed delivery to retry but a learner failure."""
+
+
+@dataclass
+class BroadcastPlan:
+    """What one broadcast sends: the buckets as announced (wire dtype, global shapes) and where each tensor comes
+    from (a plain tensor, or a DTensor shard that must be gathered). Computed from names, shapes and dtypes only,
+    so every learner rank of a sharded model computes the same plan and the same gather order."""
+
+    buckets: list[list[TensorSpec]]
+    sources: dict[str, torch.Tensor]
+    sharded: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_nbytes(spec) for bucket in self.buckets for spec in bucket)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def has_dtensors(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> bool:
+    """Whether any tensor is a DTensor shard: its broadcast is then a collective of every learner rank."""
+    tensors = weights.parameters() if isinstance(weights, torch.nn.Module) else weights.values()
+    return any(_is_dtensor(tensor) for tensor in tensors)
+
+
+def plan_broadcast(weights: torch.nn.Module | Mapping[str, torch.Tensor], wire_dtype: torch.dtype | None,
+                   bucket_bytes: int) -> BroadcastPlan:
+    """Each unique tensor in state-dict order (tied weights under their first name), floating-point ones in
+    `wire_dtype`. A DTensor's `.shape` is its global shape; DTensors are told apart by identity (a module's tied
+    parameter is one object), plain tensors by storage, so no rank reads data it does not hold."""
+    state = weights.state_dict(keep_vars=True) if isinstance(weights, torch.nn.Module) else weights
+    seen: set[tuple[Any, ...]] = set()
+    specs, sources, sharded = [], {}, False
+    for name, tensor in state.items():
+        if _is_dtensor(tensor):
+            key: tuple[Any, ...] = ("dtensor", id(tensor))
+            sharded = True
+        else:
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        dtype = wire_dtype if (wire_dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        specs.append(TensorSpec(name=name, dtype=dtype_name(dtype), shape=list(tensor.shape)))
+        sources[name] = tensor
+    return BroadcastPlan(bucket_specs(specs, bucket_bytes), sources, sharded)
+
+
+def whole_tensor(source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The whole tensor in `dtype`: a plain tensor as it is (cast if needed); a DTensor shard is cast first (half the
+    bytes gathered for a bf16 wire, and the cast is elementwise, so the result is the same) and then gathered with
+    `full_tensor()`, a collective every rank of its mesh must join, on the mesh's device (a shard that FSDP's
+    CPU offload keeps in host memory is moved there first: NCCL gathers only GPU tensors)."""
+    with torch.no_grad():
+        tensor = source.detach()
+        if tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if not _is_dtensor(tensor):
+            return tensor
+        if tensor.device.type != tensor.device_mesh.device_type:
+            tensor = tensor.to(tensor.device_mesh.device_type)
+        return tensor.full_tensor()
+
+
+def whole_tensors(plan: BroadcastPlan) -> Iterator[torch.Tensor]:
+    """The plan's tensors one at a time in bucket order (the gather sequence every learner rank runs)."""
+    for bucket in plan.buckets:
+        for spec in bucket:
+            try:
+                yield whole_tensor(plan.sources[spec.name], dtype_from_name(spec.dtype))
+            except RuntimeError as exc:
+                raise ShardGatherError(f"gathering {spec.name}: {exc}") from exc
+
+
+def _control_device(device: torch.device) -> torch.device:
+    """Where the default group's collectives take their tensors: NCCL needs the GPU, gloo the CPU."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def agree(word: int, device: torch.device) -> int:
+    """Rank 0's `word` (a version about to be sent, or SKIP) on every rank of the learner's default group."""
+    control = torch.tensor([word], dtype=torch.long, device=_control_device(device))
+    torch.distributed.broadcast(control, 0)
+    return int(control)
+
+
+class ShardGatherer:
+    """A learner rank > 0 of a sharded model: takes part in rank 0's broadcasts by running the same gather
+    sequence and discarding what it gathers (only rank 0 sends). `follow` must be called exactly where rank 0 calls
+    `WeightSender.broadcast` with the same model."""
+
+    def __init__(self, learner_cfg: LearnerConfig, device: torch.device | str,
+                 wire_dtype: torch.dtype | None = None):
+        self.bucket_bytes = learner_cfg.sync_bucket_mb * 1024 * 1024
+        self.device = torch.device(device)
+        self.wire_dtype = wire_dtype
+
+    def follow(self, weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> int | None:
+        """Rank 0's decision, then (unless it skips) the gather sequence; the version gathered, or None."""
+        word = agree(SKIP, self.device)
+        if word == SKIP:
+            return None
+        for _ in whole_tensors(plan_broadcast(weights, self.wire_dtype, self.bucket_bytes)):
+            pass
+        return word
 
 
 class _Formation:
@@ -130,14 +255,17 @@ class WeightSender:
         """Send `weights` as `version` to every member; `perf/sync_ok` is 1 only when every member confirmed it.
 
         Blocks at most join_wait_s (forming) + sync_timeout_s (delivery); `join_wait_s` overrides the first
-        (a short wait suits retries from an idle loop)."""
+        (a short wait suits retries from an idle loop). Tensors are produced bucket by bucket as they are sent; a
+        model with DTensor (FSDP2) parameters is gathered one tensor at a time, which every learner rank joins:
+        the others call `ShardGatherer.follow` at the same point."""
         start = time.perf_counter()
         self.last_version = version
-        named = unique_named_tensors(weights, self.wire_dtype)
-        buckets = plan_buckets(named, self.cfg.sync_bucket_mb * 1024 * 1024)
+        plan = plan_broadcast(weights, self.wire_dtype, self.cfg.sync_bucket_mb * 1024 * 1024)
         group = self._ensure_group(version, self.join_wait_s if join_wait_s is None else join_wait_s)
-        ok = group is not None and self._send_version(group, named, buckets, version)
-        nbytes = sum(t.numel() * t.element_size() for _, t in named)
+        if plan.sharded:  # every learner rank gathers, so every rank must know whether a send happens now
+            agree(SKIP if group is None else version, self.device)
+        ok = group is not None and self._send_version(group, plan, version)
+        nbytes = plan.nbytes
         elapsed = time.perf_counter() - start
         return {"time/sync_s": elapsed, "perf/sync_ok": float(ok), "perf/sync_generation": self.generation,
                 "perf/sync_bytes": nbytes, "perf/sync_gb_per_s": nbytes / 1e9 / elapsed if ok else 0.0}
@@ -195,24 +323,25 @@ class WeightSender:
             if not self._pub.closed:  # an invitation thread may outlive close()
                 self._pub.send(encode_message(announcement))
 
-    def _send_version(self, group: Any, named: list[tuple[str, torch.Tensor]], buckets: list[list[TensorSpec]],
-                      version: int) -> bool:
+    def _send_version(self, group: Any, plan: BroadcastPlan, version: int) -> bool:
         name = self.group_name
         acks = [ack_key(self.base, name, version, rank) for rank in self.members]
         for key in acks:  # a version re-sent on the same group needs fresh confirmations
             self._store.delete_key(key)
         self._publish(WeightAnnouncement(version=version, group_name=name, generation=self.generation,
-                                         world_size=self.world_size, layout=self.layout, buckets=buckets))
+                                         world_size=self.world_size, layout=self.layout, buckets=plan.buckets))
         deadline = time.monotonic() + self.cfg.sync_timeout_s
-        tensors = dict(named)
+        wholes = whole_tensors(plan)
         try:
             if self.layout == "flat":
-                self._send_flat(group, tensors, buckets)
+                self._send_flat(group, wholes, plan.buckets)
             else:
-                self._send_per_tensor(group, tensors, buckets)
+                self._send_per_tensor(group, wholes, plan.buckets)
         except RuntimeError as exc:  # a member died or timed out: the collective failed
             logger.warning("weight sync: version %d on %s failed (%s); rebuilding the group", version, name, exc)
             self.abandon_group()
+            for _ in wholes:  # the other learner ranks run the whole gather sequence: finish it with them
+                pass
             return False
         missing = wait_for_keys(self._store, acks, max(deadline - time.monotonic(), 0.0), stop_on=ACK_FAILED)
         if missing:  # alive or not, these members did not receive (or install) the version
@@ -224,8 +353,8 @@ class WeightSender:
             self._store.delete_key(key)
         return True
 
-    def _send_flat(self, group: Any, tensors: dict[str, torch.Tensor], buckets: list[list[TensorSpec]]) -> None:
-        # Two staging buffers: bucket i+1 is packed while bucket i is on the wire.
+    def _send_flat(self, group: Any, wholes: Iterator[torch.Tensor], buckets: list[list[TensorSpec]]) -> None:
+        # Two staging buffers: bucket i+1 is gathered and packed, one tensor at a time, while bucket i is on the wire.
         works: list[Any] = [None, None]
         timeout = datetime.timedelta(seconds=self.cfg.sync_timeout_s)
         for i, bucket in enumerate(buckets):
@@ -234,9 +363,10 @@ class WeightSender:
             if works[slot] is not None:
                 works[slot].wait(timeout)
             buf = self._staging_buffer(slot, total)
-            for spec, offset in zip(bucket, offsets):
-                src = tensors[spec.name].reshape(-1)
+            for offset in offsets:
+                src = next(wholes).reshape(-1)
                 buf[offset:offset + src.numel() * src.element_size()].view(src.dtype).copy_(src)
+                del src  # before the next gather: one whole tensor alive at a time
             works[slot] = group.broadcast(buf, 0, timeout)
         for work in works:
             if work is not None:
@@ -249,14 +379,18 @@ class WeightSender:
             self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.transport)
         return self._staging[slot][:nbytes]
 
-    def _send_per_tensor(self, group: Any, tensors: dict[str, torch.Tensor],
+    def _send_per_tensor(self, group: Any, wholes: Iterator[torch.Tensor],
                          buckets: list[list[TensorSpec]]) -> None:
+        # Bucket i+1 is gathered while bucket i is on the wire: at most two buckets of whole tensors alive.
         timeout = datetime.timedelta(seconds=self.cfg.sync_timeout_s)
+        works: list[Any] = []
         for bucket in buckets:
-            works = [group.broadcast(tensors[spec.name].to(self.transport).contiguous(), 0, timeout)
-                     for spec in bucket]
+            tensors = [next(wholes).to(self.transport).contiguous() for _ in bucket]
             for work in works:
                 work.wait(timeout)
+            works = [group.broadcast(tensor, 0, timeout) for tensor in tensors]
+        for work in works:
+            work.wait(timeout)
 
     def abandon_group(self) -> None:
         """Drop the current group (its sockets close, so live receivers fail fast) and move to a new generation."""
