@@ -1,6 +1,6 @@
 """Weight broadcast from an FSDP2-sharded learner: two learner ranks on a real gloo group (`fully_shard` per decoder
 layer + root on a CPU mesh, the real tiny model), rank 0 sending to a real `WeightReceiver` in the test process,
-rank 1 joining every gather (`ShardGatherer`).
+rank 1 joining every gather (`ShardGatherer`); and (slow) `python -m learner.train` on two sharded ranks end to end.
 
 The learner ranks are forked from the test process after its imports (no second import of torch and transformers
 per rank); the receiver starts after the fork, so no receiver thread is copied into a rank.
@@ -8,6 +8,9 @@ per rank); the receiver starts after the fork, so no receiver thread is copied i
 
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
 import traceback
 import weakref
@@ -24,6 +27,7 @@ from common.processes import free_port
 from common.weight_protocol import unique_named_tensors
 from learner import weight_sync
 from learner.weight_sync import WeightSender
+from test_learner_train import REPO, FakeActor, _config, _start
 from test_weight_sync import _assert_bitwise_equal, _cfg
 
 pytestmark = pytest.mark.integration
@@ -338,3 +342,50 @@ def test_a_send_failing_on_the_wire_still_finishes_the_gathers_on_every_rank(tmp
     assert lead["sync_ok"] == 0.0 and follower["followed"] == 1
     assert lead["gathered"] == follower["gathered"] == len(reference)
     assert lead["in_step"] == follower["in_step"] == 3.0  # 1 + 2
+
+
+@pytest.mark.slow
+def test_two_rank_sharded_learner_delivers_every_step_and_the_resumed_version(tmp_path):
+    """`python -m learner.train` on two FSDP2 ranks (torchrun, gloo) with a real buffer and a fake actor whose
+    WeightReceiver follows the weights: every step's broadcast (both ranks gathering) is confirmed, and a resumed
+    learner's first re-broadcast (the other rank joining before the loop) reaches the receiver too."""
+    from common.config import save_config, with_overrides
+    from common.metrics import read_metrics
+
+    cfg = with_overrides(_config(), learner={"total_steps": 2, "checkpoint_every": 2, "sharding": "fsdp"})
+    run_dir = tmp_path / "run"
+    save_config(cfg, run_dir / "config.json")
+    log = open(tmp_path / "roles.log", "w")
+
+    def learner(*extra: str) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                 "--master-port", str(free_port()), "-m", "learner.train", "--config-file",
+                                 str(run_dir / "config.json"), "--run-dir", str(run_dir), *extra],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    buffer = _start("buffer.server", run_dir, log)
+    actor, proc = None, None
+    try:
+        actor = FakeActor(cfg)
+        actor.thread.start()
+        proc = learner()
+        assert proc.wait(RANK_TIMEOUT_S) == 0, (tmp_path / "roles.log").read_text()[-3000:]
+        first = actor.receiver.wait_for_version(2, timeout_s=30)
+        assert first is not None and first[0] == 2
+        proc = learner("--resume")  # version 2 again (total_steps reached): the resumed re-broadcast only
+        assert proc.wait(RANK_TIMEOUT_S) == 0, (tmp_path / "roles.log").read_text()[-3000:]
+    finally:
+        if actor is not None:
+            actor.close()
+        for child in (proc, buffer):
+            if child is not None and child.poll() is None:
+                child.terminate()
+                child.wait(30)
+        log.close()
+    records = read_metrics(run_dir / "metrics.jsonl", role="learner")
+    steps = [r for r in records if "loss/policy" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["perf/sync_ok"] == 1.0 for r in steps), [r["perf/sync_ok"] for r in steps]
+    resumed = [r for r in records if "loss/policy" not in r and "perf/sync_ok" in r]
+    assert resumed and resumed[-1]["perf/sync_ok"] == 1.0 and resumed[-1]["step"] == 2
