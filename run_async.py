@@ -12,7 +12,8 @@ The story: resolve the config → check the model (a hub model downloads here, o
 runs/<name>/ → start the buffer and wait until it answers → start the learner and the actors (each a plain
 `python -m ...` child with its own log) → watch them, showing a live status in a terminal (one progress line
 per refresh in a log file), restarting dead actors and a dead buffer (from its snapshot) → when the learner
-finishes (or on Ctrl-C) shut down in order: learner (checkpoint), actors, buffer (snapshot) → draw
+finishes, wait for the held-out evaluations the actors still run (up to run.eval_timeout_s) → (also on Ctrl-C)
+shut down in order: learner (checkpoint), actors, buffer (snapshot) → draw
 runs/<name>/report.png → print held-out accuracy at start and end.
 """
 
@@ -106,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         supervisor.start_learner()
         supervisor.start_actors()
         outcome = supervisor.watch(stop_requested, on_tick=display.tick, refresh_s=display.refresh_s)
+        if outcome == "completed":
+            wait_for_evaluations(supervisor, display, stop_requested)
         display.tick(supervisor.buffer_stats())
     except RoleFailed as exc:
         display.console.print(f"[bold red]run stopped:[/] {exc}")
@@ -115,6 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         display.stop()
     report = write_run_report(run_dir, display.console)
     return final_report(run_dir, cfg, outcome, display.console, report)
+
+
+def wait_for_evaluations(supervisor: Any, display: Any, stop_requested: list[bool]) -> None:
+    """The learner finished: the actors finish the buffer's pending held-out evaluations (the last version's)."""
+    display.evaluating()
+    if not supervisor.wait_for_evaluations(stop_requested, on_tick=display.tick, refresh_s=display.refresh_s):
+        pending = supervisor.buffer_stats().get("eval_pending")
+        display.note(f"held-out evaluation of versions {pending} not finished within run.eval_timeout_s "
+                     f"({supervisor.cfg.run.eval_timeout_s:.0f} s) or stopped; shutting down without it")
 
 
 def write_run_report(run_dir: Path, console: Any) -> Path | None:

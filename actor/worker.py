@@ -14,6 +14,12 @@ own update session (pause -> update -> continue). Failures: a buffer that stops 
 (register again, continue); an engine error on a batch is logged and the lease released; a prompt with an
 aborted sample is released, never scored; SIGTERM/SIGINT finish the current lease (or release it while waiting
 for weights) and exit 0. Metrics `rollout/*` go to <run_dir>/metrics.jsonl with role `actor<index>`.
+
+Held-out evaluation: a grant with `eval_version` V >= 0 is an evaluation lease. Its items are generated on the same
+engine, greedy items at temperature 0 (n = 1) and sampled items with the actor's sampling parameters, scored, and
+answered with one EvalSubmit each (correct, rewards, lengths, and the versions of the weights that generated
+them). For it the engine is brought up to V only if it is older (waiting for V like a training lease); it never
+swaps in a newer staged version first, and an engine already past V evaluates with what it has.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -152,6 +158,9 @@ class Actor:
             if grant is None or not grant.items:
                 self._idle(IDLE_SLEEP_S)
                 continue
+            if grant.eval_version >= 0:
+                self._work_eval(grant)
+                continue
             self._work_lease(grant)
             self.leases_done += 1
             self.metrics.log(self.leases_done, self.stats.metrics(self.engine.policy_version, self.total_swaps))
@@ -245,6 +254,76 @@ class Actor:
         groups, incomplete = self._score_groups(prompts, token_ids, samples)
         self._release(grant.lease_id, incomplete)
         self._submit(grant.lease_id, groups)
+
+    def _work_eval(self, grant: Any) -> None:
+        """An evaluation lease: generate with weights of grant.eval_version when possible, score, submit results."""
+        from actor.engines.hf import EngineError
+        from actor.engines.sglang import SGLangError
+        from common.tasks import prompt_from_work_item
+
+        item_ids = [item.prompt_id for item in grant.items]
+        max_wait = min(self.cfg.learner.sync_timeout_s, 0.5 * grant.deadline_s or self.cfg.learner.sync_timeout_s)
+        if self.engine.policy_version < grant.eval_version and not self._ensure_version(grant.eval_version,
+                                                                                        max_wait):
+            self._release(grant.lease_id, item_ids)
+            return
+        results, incomplete = [], []
+        for greedy in (True, False):
+            items = [item for item in grant.items if item.greedy == greedy]
+            if not items:
+                continue
+            prompts = [prompt_from_work_item(item) for item in items]
+            sampling = replace(self.sampling, temperature=0.0) if greedy else self.sampling
+            try:
+                samples = self.engine.generate([self._encode(p) for p in prompts], [item.n for item in items],
+                                               sampling)
+            except (EngineError, SGLangError, RuntimeError, ValueError) as exc:
+                logger.error("%s: evaluation generation failed for lease %d (%s)", self.actor_id, grant.lease_id,
+                             exc, exc_info=True)
+                incomplete.extend(item.prompt_id for item in items)
+                continue
+            scored, aborted = self._score_eval(prompts, samples)
+            results.extend(scored)
+            incomplete.extend(aborted)
+        self._release(grant.lease_id, incomplete)
+        self._submit_eval(grant.lease_id, results)
+
+    def _score_eval(self, prompts: list[Any], samples: list[list[Any]]) -> tuple[list[Any], list[str]]:
+        """(EvalResults, item ids with an aborted sample). Lengths leave out the final stop token, as
+        learner/evaluate.py counts them."""
+        from common.schemas import EvalResult
+        from common.tasks import score_response
+
+        results, aborted = [], []
+        for prompt, group in zip(prompts, samples):
+            if any(s.finish_reason == "abort" for s in group):
+                aborted.append(prompt.prompt_id)
+                continue
+            scores = [score_response(prompt, self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                                     self.cfg.task) for s in group]
+            versions = [int(v) for s in group for v in (s.versions.min(), s.versions.max()) if len(s.versions)]
+            versions = versions or [self.engine.policy_version]
+            results.append(EvalResult(item_id=prompt.prompt_id, correct=[ok for _, ok in scores],
+                                      rewards=[reward for reward, _ in scores],
+                                      lengths=[len(s.token_ids) - (s.finish_reason == "stop") for s in group],
+                                      weights_version_min=min(versions), weights_version_max=max(versions)))
+        return results, aborted
+
+    def _submit_eval(self, lease_id: int, results: list[Any]) -> None:
+        from buffer.client import BufferRejected, BufferTimeout
+
+        for result in results:
+            try:
+                self.client.submit_eval(lease_id, result)
+            except BufferRejected as exc:
+                logger.warning("%s: evaluation result %s of lease %d rejected: %s", self.actor_id, result.item_id,
+                               lease_id, exc)
+            except BufferTimeout:
+                logger.warning("%s: evaluation submit of lease %d timed out; reconnecting (the buffer re-issues "
+                               "its items)", self.actor_id, lease_id)
+                self.client.close()
+                self.client = self._connect()
+                return
 
     def _ensure_version(self, version: int, max_wait_s: float) -> bool:
         """Bring the engine to weights >= version; False (after max_wait_s, or on stop) if they never came."""

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,6 +68,9 @@ class RunData:
     counters: dict[str, Any]
     started_at: float
     wall_s: float
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """The `eval` role's records (the buffer's held-out evaluations; older runs have none: their learner records
+    carry eval/*). `run_evals` merges both."""
 
 
 def available_cores() -> int:
@@ -204,7 +207,25 @@ def load_run(run_dir: Path) -> RunData:
     return RunData(run_dir=run_dir, learner=[r for r in records if r["role"] == "learner"], actors=actors,
                    sample_points=sample_points(actors), counters=counters,
                    started_at=record.get("started_at", records[0]["time"] if records else 0.0),
-                   wall_s=record.get("wall_s", math.nan))
+                   wall_s=record.get("wall_s", math.nan), evals=[r for r in records if r["role"] == "eval"])
+
+
+def run_evals(data: RunData) -> list[dict[str, Any]]:
+    """Held-out evaluation records in step (= evaluated version) order: the `eval` role's, or the learner's in runs
+    that evaluated inside the learner."""
+    from common.metrics import eval_records
+
+    return eval_records(data.learner + data.evals)
+
+
+def eval_times(data: RunData, evals: list[dict[str, Any]]) -> list[float]:
+    """When the learner reached each evaluated version. An `eval` record is written when the actors finish the
+    evaluation, but it measures the weights of its version: the end of that step's train+broadcast (version 0: the
+    start of the training window). A learner-side evaluation record: `step_end_time`."""
+    ends = {r["step"]: step_end_time(r) for r in step_records(data.learner)}
+    start = training_window(data.learner)[0] if ends else data.started_at
+    return [step_end_time(r) if r["role"] == "learner" else start if r["step"] == 0
+            else ends.get(r["step"], r["time"]) for r in evals]
 
 
 def lease_samples(records: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
@@ -238,8 +259,9 @@ def sample_points(actors: dict[str, list[dict[str, Any]]]) -> list[tuple[float, 
 
 
 def step_end_time(rec: dict[str, Any]) -> float:
-    """When a learner record's step ended (for the initial-evaluation record: when that evaluation began): the
-    record is written after its checkpoint and evaluation, whose durations it carries."""
+    """When a learner record's step ended (for the initial-evaluation record of a run that evaluated inside the
+    learner: when that evaluation began): the record is written after its checkpoint (and, in such runs, its
+    evaluation), whose durations it carries."""
     return rec["time"] - (rec.get("time/eval_s") or 0.0) - (rec.get("time/checkpoint_s") or 0.0)
 
 
@@ -249,8 +271,8 @@ def step_records(learner: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def training_window(learner: list[dict[str, Any]]) -> tuple[float, float]:
-    """(start, end) of the training loop: from the end of the initial evaluation (the step-0 record; without one,
-    the first step's start) to the end of the last step's train+broadcast (its final evaluation excluded)."""
+    """(start, end) of the training loop: from the first step's start (in runs that evaluated inside the learner:
+    the end of the initial evaluation, the step-0 record) to the end of the last step's train+broadcast."""
     steps = step_records(learner)
     if not steps:
         raise ValueError("no learner step records")

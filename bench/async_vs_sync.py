@@ -9,13 +9,14 @@ algo.max_staleness = 0 (sync) and 2, 4 (async), over several seeds, against the 
 Each run is `run_async.py` as a child process (bench/_runs.py: one log per run in its run dir, completed runs are
 reused, Ctrl-C stops the child). Thread budget: the sync run gives actor and learner all `--cores` (they alternate;
 `--sync-threads` changes it), the async runs give each stage its share (actor cores//2, learner the rest), so at
-most `--cores` threads compute at any time. Evaluations run only at the start and the end (`--run.eval-every 0`),
-so the window measured is the training loop. run.seed reaches the actor's sampling generator and the learner's
+most `--cores` threads compute at any time. Evaluations run only at the start and the end (`--run.eval-every 0`);
+they run on the actors (the buffer hands them out within run.eval_share of the generated sequences), so the
+initial one shares the actors with the first training steps inside the window measured. run.seed reaches the actor's sampling generator and the learner's
 torch seed (its evaluation sampling); the tiny model's initial weights and the buffer's prompt order (buffer.seed)
 do not depend on it.
 
 Per run: wall s (launch to exit, startup included) and run samples/s = the buffer's final samples_received / wall.
-Over the training window (end of the initial evaluation -> end of the last step's train+broadcast):
+Over the training window (start of the first step -> end of the last step's train+broadcast):
   samples/s       generated samples in the window / window (bench/_runs.py sample_points: each actor lease record
                   covers the time since the previous one at its rollout/samples_per_s; linear within a lease)
   learner idle    sum of time/fetch_wait_s / window
@@ -52,6 +53,7 @@ from bench._runs import (  # noqa: E402
     load_run,
     mean_std,
     run_all,
+    run_evals,
     samples_at,
     split_threads,
     step_records,
@@ -113,8 +115,9 @@ def summarize_run(data: Any) -> dict[str, float]:
     train_rate = per_step / step_s
     ideal = min(gen_rate, train_rate)
     measured = generated / window
-    final = [r for r in data.learner if r.get("eval/pass@1") is not None][-1:]
-    reward_key = eval_key(data.learner, "eval/mean_reward@")
+    evals = run_evals(data)
+    final = evals[-1:]
+    reward_key = eval_key(evals, "eval/mean_reward@")
     hist = {int(k): v for k, v in data.counters.get("staleness_hist", {}).items()}
     served = sum(hist.values())
     return {

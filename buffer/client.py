@@ -37,6 +37,8 @@ from common.schemas import (
     Ack,
     Batch,
     Error,
+    EvalResult,
+    EvalSubmit,
     Fetch,
     Group,
     InspectReply,
@@ -171,6 +173,14 @@ class BufferClient:
         raise BufferTimeout(self._timeout_message(f"Submit: {len(todo)} of {len(groups)} groups unanswered",
                                                   self.retries + 1))
 
+    def submit_eval(self, lease_id: int, result: EvalResult) -> SubmitAck:
+        """Hand in one evaluation item's result (an evaluation lease: grant.eval_version >= 0); BufferRejected(code)
+        if refused (e.g. unknown_lease after expiry, item_not_in_lease, wrong_n)."""
+        try:
+            return self._call(EvalSubmit(lease_id=lease_id, result=result), SubmitAck)
+        except _DuplicateAfterRetry:
+            return SubmitAck(accepted=True, queued=False, note="accepted by an earlier attempt (reply lost)")
+
     def release(self, lease_id: int, prompt_ids: list[str]) -> str:
         """Give back prompts this actor will not finish; they are re-issued first."""
         return self._call(Release(lease_id=lease_id, prompt_ids=list(prompt_ids)), Ack).note
@@ -294,7 +304,7 @@ class BufferClient:
             if reply is None:
                 continue
             if isinstance(reply, Error):
-                if reply.code == "duplicate" and attempt > 0 and isinstance(msg, Submit):
+                if reply.code == "duplicate" and attempt > 0 and isinstance(msg, (Submit, EvalSubmit)):
                     raise _DuplicateAfterRetry()
                 raise BufferRejected(reply.code, reply.message)
             if not isinstance(reply, expect):

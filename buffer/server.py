@@ -53,6 +53,7 @@ from common.config import Config, config_to_dict, parse_cli
 from common.schemas import (
     Ack,
     Error,
+    EvalSubmit,
     Fetch,
     InspectReply,
     InspectRequest,
@@ -91,6 +92,16 @@ class _Parked:
 
 
 # ---------------------------------------------------------------------------------------------- prompts
+
+
+def load_eval_prompt_records(cfg: Config) -> list[PromptRecord]:
+    """The held-out prompts the buffer's evaluation jobs use (none when task.eval_size is 0)."""
+    if cfg.task.eval_size <= 0:
+        return []
+    from common.tasks import load_prompts
+
+    return [PromptRecord(p.prompt_id, p.question, p.answer, json.dumps(p.metadata))
+            for p in load_prompts(cfg.task, "eval")]
 
 
 def load_prompt_records(cfg: Config, prompts_jsonl: str = "") -> list[PromptRecord]:
@@ -150,7 +161,8 @@ def load_snapshot_file(path: Path) -> Any:
     return decode_snapshot(path.read_bytes(), source=str(path))
 
 
-def restore_or_create(cfg: Config, prompts: list[PromptRecord], snapshot_path: Path | None) -> BufferState:
+def restore_or_create(cfg: Config, prompts: list[PromptRecord], snapshot_path: Path | None,
+                      eval_prompts: list[PromptRecord] | None = None) -> BufferState:
     """Restore from the snapshot (or, if it is corrupt, the previous one) or start fresh; persist at once.
 
     Writing the new state before serving persists its incarnation, so two restarts from one snapshot never hand out
@@ -159,14 +171,16 @@ def restore_or_create(cfg: Config, prompts: list[PromptRecord], snapshot_path: P
     empty and lose the run's queue and statistics.
     """
     now = time.monotonic()
+    eval_prompts = eval_prompts or []
     if snapshot_path is None:
-        return BufferState(cfg, prompts, now=now)
+        return BufferState(cfg, prompts, now=now, eval_prompts=eval_prompts)
     candidates = [p for p in (snapshot_path, previous_snapshot_path(snapshot_path)) if p.exists()]
     problems: list[str] = []
     state = None
     for path in candidates:
         try:
-            state = BufferState.from_snapshot(load_snapshot_file(path), cfg, prompts, now=now)
+            state = BufferState.from_snapshot(load_snapshot_file(path), cfg, prompts, now=now,
+                                              eval_prompts=eval_prompts)
         except SnapshotError as exc:
             log.error("refusing snapshot: %s", exc)
             problems.append(str(exc))
@@ -178,7 +192,7 @@ def restore_or_create(cfg: Config, prompts: list[PromptRecord], snapshot_path: P
         break
     if state is None and candidates:
         raise ValueError("no usable buffer snapshot: " + "; ".join(problems) + " (move them away to start empty)")
-    state = state or BufferState(cfg, prompts, now=now)
+    state = state or BufferState(cfg, prompts, now=now, eval_prompts=eval_prompts)
     try:
         write_snapshot_file(snapshot_path, encode_snapshot(state.to_snapshot(time.time())))
     except OSError as exc:
@@ -254,12 +268,16 @@ class BufferServer:
         self._learner_session = ""
         self._parked: list[_Parked] = []
         self._metrics: Any = None
+        self._eval_metrics: Any = None
         self._last_metrics: tuple[float, dict[str, Any]] | None = None
         self._handlers: dict[type, Callable[[Any, float], Any]] = {
             Register: self._on_register, LeaseRequest: self._on_lease, Submit: self._on_submit,
-            Release: self._on_release, Fetch: self._on_fetch, ReportVersion: self._on_version,
+            EvalSubmit: self._on_eval_submit, Release: self._on_release, Fetch: self._on_fetch, ReportVersion: self._on_version,
             StatsRequest: self._on_stats, InspectRequest: self._on_inspect, SnapshotRequest: self._on_snapshot,
         }
+        # The held-out evaluation due at the buffer's version (version 0 of a fresh run), and the jobs a restored
+        # snapshot had pending, start over now.
+        self.state.evals.start(self.state.policy_version, time.monotonic())
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -287,6 +305,8 @@ class BufferServer:
 
             self._metrics = MetricsLogger(self.run_dir, "buffer", self.cfg.run.wandb_mode,
                                           self.cfg.run.wandb_project, config_to_dict(self.cfg))
+            self._eval_metrics = MetricsLogger(self.run_dir, "eval", self.cfg.run.wandb_mode,
+                                               self.cfg.run.wandb_project, config_to_dict(self.cfg))
         return self.endpoint
 
     def _enable_curve(self, sock: zmq.Socket) -> None:
@@ -372,6 +392,8 @@ class BufferServer:
             self._parked.append(_Parked(envelope, msg, time.monotonic() + msg.wait_s))
             return
         self._send(envelope, self._reply(msg))
+        if isinstance(msg, EvalSubmit):
+            self._write_eval_records()
 
     # ------------------------------------------------------------------------------------------- long poll
 
@@ -460,6 +482,10 @@ class BufferServer:
         self._dirty = True
         return self.state.submit(msg.lease_id, msg.group, now)
 
+    def _on_eval_submit(self, msg: EvalSubmit, now: float) -> Any:
+        self._dirty = True
+        return self.state.submit_eval(msg.lease_id, msg.result, now)
+
     def _on_release(self, msg: Release, now: float) -> Ack:
         self._dirty = True
         return Ack(note=self.state.release(msg.lease_id, msg.prompt_ids, now))
@@ -473,7 +499,7 @@ class BufferServer:
             raise Rejection("not_learner", "session: only the registered learner may report versions; register as "
                                            "'learner' (with the run's secret) first")
         self._dirty = True
-        self.state.report_version(msg.version, rollback=msg.rollback)
+        self.state.report_version(msg.version, rollback=msg.rollback, now=now)
         return Ack()
 
     def _on_stats(self, msg: StatsRequest, now: float) -> Stats:
@@ -528,6 +554,15 @@ class BufferServer:
             return str(exc)
         return ""
 
+    def _write_eval_records(self) -> None:
+        """One `eval` record per finished evaluation job (step = the evaluated version)."""
+        for version, record in self.state.evals.take_records():
+            log.info("held-out evaluation of version %d: pass@1 %.3f (%.1f s)", version, record["eval/pass@1"],
+                     record["eval/seconds"])
+            if self._eval_metrics is not None:
+                self._eval_metrics.log(version, record)
+            self._try_snapshot("evaluation finished")  # a restart must not evaluate this version again
+
     def log_metrics(self, now: float) -> None:
         stats = self.state.stats_dict(now)
         previous = self._last_metrics
@@ -537,8 +572,9 @@ class BufferServer:
         self._last_metrics = (now, stats)
 
     def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
+        for metrics in (self._metrics, self._eval_metrics):
+            if metrics is not None:
+                metrics.close()
         if self._auth is not None:
             self._auth.stop()
         if self.sock is not None:
@@ -584,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     snapshot_path = snapshot_path_for(cfg, own.run_dir)
     prompts = load_prompt_records(cfg, own.prompts_jsonl)
     try:
-        state = restore_or_create(cfg, prompts, snapshot_path)
+        state = restore_or_create(cfg, prompts, snapshot_path, load_eval_prompt_records(cfg))
     except ValueError as exc:
         raise SystemExit(f"buffer: {exc}") from None
     server = BufferServer(cfg, state, snapshot_path=snapshot_path, run_dir=Path(own.run_dir) if own.run_dir else None)

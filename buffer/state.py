@@ -44,6 +44,7 @@ from typing import Any, Iterable
 import msgspec
 import numpy as np
 from buffer import skipping
+from buffer.evaluation import EvalJobs, EvalRejection, EvalSnapshot
 from buffer.skipping import SkipController
 from common.config import Config, config_from_dict, config_to_dict
 from common.schemas import (
@@ -51,6 +52,7 @@ from common.schemas import (
     LOGPROB_DTYPE,
     VERSION_DTYPE,
     Batch,
+    EvalResult,
     Group,
     LeaseGrant,
     ServedGroup,
@@ -192,6 +194,8 @@ class Snapshot(msgspec.Struct, kw_only=True):
     incarnation: int = 1
     skip: SkipController | None = None
     """Prompt skipping's controller (None in format 2: started from the config)."""
+    evaluation: EvalSnapshot | None = None
+    """Held-out evaluation: finished and pending versions (None in older snapshots: nothing finished)."""
 
 
 class SnapshotError(ValueError):
@@ -220,7 +224,8 @@ def _allocation_module() -> Any:
 
 
 class BufferState:
-    def __init__(self, cfg: Config, prompts: Iterable[PromptRecord], *, now: float = 0.0):
+    def __init__(self, cfg: Config, prompts: Iterable[PromptRecord], *, now: float = 0.0,
+                 eval_prompts: Iterable[PromptRecord] = ()):
         self.cfg = cfg
         self.prompts: dict[str, PromptRecord] = {}
         for p in prompts:
@@ -249,6 +254,8 @@ class BufferState:
         self._yield_sums = [0, 0, 0, 0]  # informative groups, samples, informative samples, all-correct groups
         self.low_yield_warning = ""
         self.skip = SkipController(p_explore=cfg.algo.skip_explore_init)
+        self.evals = EvalJobs(cfg, eval_prompts)
+        """Held-out evaluation jobs (buffer/evaluation.py): their leases share the id space of training leases."""
 
     # ------------------------------------------------------------------------------------------- gauges
 
@@ -282,7 +289,7 @@ class BufferState:
 
     def lease_would_wait(self, max_prompts: int) -> bool:
         """Whether lease() would now answer "wait" (not a grant, and not a rejection of a bad request)."""
-        return max_prompts >= 1 and self._lease_wait_reason() is not None
+        return max_prompts >= 1 and self._lease_wait_reason() is not None and not self.evals.has_work()
 
     def fetch_would_wait(self, n_groups: int, after_arrival: int = -1) -> bool:
         """Whether fetch() would now answer an empty batch for lack of groups (not a rejection of a bad size)."""
@@ -307,6 +314,8 @@ class BufferState:
             raise Rejection("bad_request", f"max_prompts: must be >= 1, got {max_prompts}")
         self.expire_leases(now)
         reason = self._lease_wait_reason()
+        if self.evals.wants_grant(training_waits=reason is not None):
+            return self._eval_lease(max_prompts, now)
         if reason is not None:
             return self._wait(reason)
         leased = self._distinct(self._take(min(max_prompts, self.admission_room())))
@@ -318,8 +327,26 @@ class BufferState:
         for it in leased:
             self.stats[it.prompt_id].leases += 1
         items = [self._work_item(it) for it in leased]
+        self.evals.count_granted(sum(it.n for it in items))
         return LeaseGrant(lease_id=lease.lease_id, items=items, policy_version=self.policy_version,
                           deadline_s=self.cfg.buffer.lease_timeout_s)
+
+    def _eval_lease(self, max_prompts: int, now: float) -> LeaseGrant:
+        """An evaluation lease (buffer/evaluation.py); the actor generates it with weights of eval_version."""
+        lease_id = self._new_lease_id()
+        version, items = self.evals.grant(lease_id, max_prompts, now)
+        return LeaseGrant(lease_id=lease_id, items=items, policy_version=self.policy_version,
+                          deadline_s=self.cfg.buffer.lease_timeout_s, eval_version=version)
+
+    def submit_eval(self, lease_id: int, result: EvalResult, now: float) -> SubmitAck:
+        """One evaluation item's result; Rejection (counted under eval_results_rejected) if refused."""
+        self.expire_leases(now)
+        try:
+            # Weights one version ahead of the buffer's are legitimate (broadcast before the report).
+            self.evals.submit(lease_id, result, self.policy_version + 1, now)
+        except EvalRejection as rej:
+            raise Rejection(rej.code, rej.message) from None
+        return SubmitAck(accepted=True, queued=False, note="evaluation")
 
     def submit(self, lease_id: int, group: Group, now: float) -> SubmitAck:
         """Validate and ingest one group; raises Rejection (counted by reason) for anything invalid."""
@@ -338,6 +365,8 @@ class BufferState:
     def release(self, lease_id: int, prompt_ids: list[str], now: float) -> str:
         """An actor gives back prompts it will not finish; they go to the front of the pool."""
         self.expire_leases(now)
+        if self.evals.owns(lease_id):
+            return self.evals.release(lease_id, prompt_ids)
         lease = self.leases.get(lease_id)
         if lease is None:
             raise Rejection("unknown_lease", f"lease_id: {lease_id} is not a live lease")
@@ -379,7 +408,7 @@ class BufferState:
         self.next_lease_id += 1
         return lease_id
 
-    def report_version(self, version: int, rollback: bool = False) -> None:
+    def report_version(self, version: int, rollback: bool = False, now: float = 0.0) -> None:
         """A learner resumed from an older checkpoint reports with rollback=True: queued groups sampled by the
         discarded newer weights can no longer be importance-corrected and are dropped (counted). A forward step
         larger than buffer.max_version_jump is refused (a stray or broken report would otherwise drop every queued
@@ -404,6 +433,7 @@ class BufferState:
             discarded = (self.policy_version - version) * self.cfg.learner.groups_per_step
             c.groups_served_discarded += min(discarded, c.groups_served - c.groups_served_discarded)
         self.policy_version = version
+        self.evals.on_version(version, now)
 
     def count_bad_message(self, code: str) -> None:
         self.counters.messages_bad += 1
@@ -428,7 +458,7 @@ class BufferState:
             self.counters.leases_expired += 1
             self._retire(lease, "expired")
             expired += 1
-        return expired
+        return expired + self.evals.expire(now)
 
     def _retire(self, lease: Lease, reason: str) -> None:
         self.leases.pop(lease.lease_id, None)
@@ -729,6 +759,7 @@ class BufferState:
             skip_explore_probability=self.skip.p_explore,
             skip_probability=1.0 - self.skip.p_explore if self.cfg.algo.prompt_skipping else 0.0,
         )
+        out.update(self.evals.stats())
         return out
 
     def _client_counts(self) -> dict[str, int]:
@@ -797,12 +828,13 @@ class BufferState:
             epoch_pos=self.epoch_pos, pending=in_flight + list(self.pending), stats=dict(self.stats),
             epoch_stats=dict(self.epoch_stats), counters=self.counters, queue=list(self.queue), retired=retired,
             next_lease_id=self.next_lease_id, next_arrival=self.next_arrival, incarnation=self.incarnation,
-            skip=msgspec.structs.replace(self.skip),
+            skip=msgspec.structs.replace(self.skip), evaluation=self.evals.to_snapshot(),
         )
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot, cfg: Config | None = None,
-                      prompts: Iterable[PromptRecord] | None = None, *, now: float = 0.0) -> "BufferState":
+                      prompts: Iterable[PromptRecord] | None = None, *, now: float = 0.0,
+                      eval_prompts: Iterable[PromptRecord] = ()) -> "BufferState":
         """Restore; `cfg`/`prompts` default to the snapshot's own (read-only inspection of a finished run).
 
         The restored state is a new incarnation: its lease ids differ from every id the snapshot's buffer (or any
@@ -815,7 +847,7 @@ class BufferState:
         cfg = cfg or config_from_dict(json.loads(snap.config_json))
         if prompts is None:
             prompts = [PromptRecord(pid, "", "") for pid in snap.stats]
-        state = cls(cfg, prompts, now=now)
+        state = cls(cfg, prompts, now=now, eval_prompts=eval_prompts)
         known = state.prompts
         state.stats.update(snap.stats)
         state.policy_version = snap.policy_version
@@ -834,6 +866,7 @@ class BufferState:
             algo = state.cfg.algo  # a resume may have changed the bounds
             p = min(algo.skip_explore_max, max(algo.skip_explore_min, snap.skip.p_explore))
             state.skip = SkipController(p_explore=p, epoch_kept=snap.skip.epoch_kept)
+        state.evals.restore(snap.evaluation, now)
         return state
 
 

@@ -143,3 +143,12 @@ def read_metrics(path: str | Path, role: str | None = None) -> list[dict[str, An
     if skipped:
         log.warning("%s: skipped %d torn lines", path, skipped)
     return records
+
+
+def eval_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Held-out evaluation records in step (= evaluated version) order, one per step: the `eval` role's (the
+    buffer writes one per finished evaluation), or, for runs that evaluated inside the learner, the learner's
+    records that carry eval/pass@1."""
+    by_step = {r["step"]: r for r in records if r.get("role") == "learner" and r.get("eval/pass@1") is not None}
+    by_step.update({r["step"]: r for r in records if r.get("role") == "eval" and r.get("eval/pass@1") is not None})
+    return [by_step[step] for step in sorted(by_step)]

@@ -1,12 +1,11 @@
 """Progress display of a run: a live status panel in a terminal, one line per refresh in a log file, and a final
 summary.
 
-The status is folded from what the roles write: the learner's and actors' records in metrics.jsonl, the buffer's
-stats reply and which actor processes are alive. The phase is derived from them:
+The status is folded from what the roles write: the learner's, actors' and evaluation (`eval`) records in
+metrics.jsonl, the buffer's stats reply and which actor processes are alive. The phase is derived from them:
     loading        no learner record yet and the learner has not registered at the buffer (models still loading)
-    evaluating     the learner registered and the held-out evaluation due before its first step has no record yet,
-                   or an evaluation is due at the next step and the learner has been silent far longer than a step
-    training       learner steps are arriving
+    training       learner steps are arriving (held-out evaluations pending at the buffer run alongside on the actors)
+    evaluating     the learner has finished and the supervisor waits for the buffer's pending evaluations
     shutting down  the supervisor is stopping the roles (learner checkpoint, actors, buffer snapshot)
 Outside a terminal each refresh prints one line, plus the buffer's low-yield warning when it has one:
     training | step 12/40 v12 | reward 0.41 | eval@1 0.23 | samples/s 35.1 | idle 12% | queue 3 | stale 0.8 |
@@ -36,8 +35,6 @@ RATE_WINDOW_S = 30.0
 """Window of the samples/s rate (the buffer's samples_received counter)."""
 ETA_STEPS = 10
 """Recent learner steps whose pace gives the ETA."""
-EVAL_SILENCE_S = 5.0
-"""Least silence of the learner, before a due evaluation, that is shown as `evaluating`."""
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -71,7 +68,7 @@ class RunStatus:
 
     run_name: str
     phase: str
-    """loading | evaluating | training | shutting down"""
+    """loading | training | evaluating | shutting down"""
     detail: str
     """What the phase is waiting for, in a few words ('' when nothing to add)."""
     step: int
@@ -112,14 +109,15 @@ class RunWatch:
         self.clock = clock
         self.started = clock()
         self.shutting_down = False
+        self.final_evaluation = False
+        """Set while the supervisor waits for the evaluations pending after the learner finished."""
         self.learner: dict[str, Any] = {}
         # Phase and ETA look only at records written since this display started: a resumed run's metrics.jsonl
         # starts with the stopped run's records, which show as history (step, rewards, evals) and nothing else.
         self.seen_learner = False
-        self.evaluated: set[int] = set()
         self.steps: deque[tuple[float, int]] = deque(maxlen=ETA_STEPS)  # (time, step) of training records
         self.rewards: deque[float] = deque(maxlen=TREND_POINTS)
-        self.evals: list[tuple[int, float]] = []
+        self.evals: dict[int, float] = {}  # step -> eval/pass@1
         self.actor_idle: dict[str, float] = {}
         self.samples: deque[tuple[float, int]] = deque()
 
@@ -128,6 +126,8 @@ class RunWatch:
             role = rec.get("role")
             if role == "learner":
                 self._learner_record(rec)
+            elif role == "eval" and rec.get("eval/pass@1") is not None:
+                self.evals[rec["step"]] = rec["eval/pass@1"]
             elif isinstance(role, str) and role.startswith("actor") and rec.get("rollout/idle_fraction") is not None:
                 self.actor_idle[role] = rec["rollout/idle_fraction"]
 
@@ -140,10 +140,8 @@ class RunWatch:
                 self.steps.append((rec["time"], rec["step"]))
             if rec.get("reward/mean") is not None:
                 self.rewards.append(rec["reward/mean"])
-        if rec.get("eval/pass@1") is not None:
-            self.evals.append((rec["step"], rec["eval/pass@1"]))
-            if fresh:
-                self.evaluated.add(rec["step"])
+        if rec.get("eval/pass@1") is not None:  # a run that evaluated inside the learner
+            self.evals.setdefault(rec["step"], rec["eval/pass@1"])
 
     def update(self, stats: dict[str, Any]) -> RunStatus:
         """Read the records appended since the last call and return the status now."""
@@ -157,7 +155,7 @@ class RunWatch:
             run_name=self.run_name, phase=phase, detail=detail, step=self.learner.get("step", 0),
             total_steps=self.cfg.learner.total_steps, elapsed_s=now - self.started,
             version=stats.get("policy_version"), eta_s=self.eta_s(), rewards=tuple(self.rewards),
-            evals=tuple(self.evals), samples=stats.get("samples_received"), samples_per_s=self.samples_per_s(),
+            evals=tuple(sorted(self.evals.items())), samples=stats.get("samples_received"), samples_per_s=self.samples_per_s(),
             learner_idle=self.learner.get("time/idle_fraction"),
             actor_idle=statistics.fmean(self.actor_idle.values()) if self.actor_idle else None,
             queue=stats.get("queue_depth"), staleness=self.learner.get("buffer/staleness/mean"),
@@ -169,20 +167,19 @@ class RunWatch:
     def phase(self, stats: dict[str, Any], now: float) -> tuple[str, str]:
         if self.shutting_down:
             return "shutting down", "learner checkpoint, then actors, then the buffer's snapshot"
+        pending = _versions(stats.get("eval_pending"))
+        if self.final_evaluation:
+            return "evaluating", f"held-out evaluation of {pending or 'the last version'} on the actors"
         step = self.learner.get("step", 0)
         actors = self._actors_waiting(stats)
+        alongside = f"evaluating {pending} alongside" if pending else ""
         if step >= self.cfg.learner.total_steps:
-            return "training", "all steps done: final checkpoint"
+            return "training", _join("all steps done: final checkpoint", alongside)
         if not self.steps:
             if not self.seen_learner and not (stats.get("clients") or {}).get("learner"):
                 return "loading", _join("starting the roles and loading the model", actors)
-            if self._eval_due(step) and step not in self.evaluated:
-                return "evaluating", _join(f"held-out evaluation at step {step}, before training", actors)
-            return "training", _join("waiting for the first batch of groups", actors)
-        last_time = self.steps[-1][0]
-        if self._eval_due(step + 1) and now - last_time > max(EVAL_SILENCE_S, 3 * self._step_interval()):
-            return "evaluating", f"held-out evaluation due at step {step + 1}"
-        return "training", ""
+            return "training", _join("waiting for the first batch of groups", alongside, actors)
+        return "training", alongside
 
     def _actors_waiting(self, stats: dict[str, Any]) -> str:
         if "clients" not in stats:
@@ -192,11 +189,6 @@ class RunWatch:
         if registered >= total:
             return ""
         return f"actors registered {registered}/{total}"
-
-    def _eval_due(self, version: int) -> bool:
-        every = self.cfg.run.eval_every
-        return self.cfg.task.eval_size > 0 and (
-            version == 0 or version >= self.cfg.learner.total_steps or (every > 0 and version % every == 0))
 
     def _step_interval(self) -> float:
         times = [t for t, _ in self.steps]
@@ -223,6 +215,11 @@ class RunWatch:
         if s1 <= s0 or t1 <= t0:
             return None
         return max(0, self.cfg.learner.total_steps - s1) * (t1 - t0) / (s1 - s0)
+
+
+def _versions(pending: Any) -> str:
+    """'v10' or 'v10, v20' for the buffer's eval_pending list ('' when none)."""
+    return ", ".join(f"v{v}" for v in pending) if isinstance(pending, list) else ""
 
 
 def _join(*parts: str) -> str:
@@ -371,6 +368,11 @@ class ProgressDisplay:
             if status.warning:
                 self.console.print(f"warning: {status.warning}")
 
+    def evaluating(self) -> None:
+        """The learner finished; the supervisor waits for the pending held-out evaluations."""
+        self.watch.final_evaluation = True
+        self.tick(self._stats)
+
     def shutting_down(self) -> None:
         self.watch.shutting_down = True
         self.tick(self._stats)
@@ -382,22 +384,26 @@ class ProgressDisplay:
 
 
 def eval_history(run_dir: Path) -> list[dict[str, Any]]:
-    """Learner evaluation records (in step order); torn lines of metrics.jsonl are skipped."""
-    return [r for r in _learner_records(run_dir)[0] if r.get("eval/pass@1") is not None]
+    """Held-out evaluation records (in step order, one per evaluated version); torn lines are skipped."""
+    from common.metrics import eval_records
+
+    return eval_records(_run_records(run_dir)[0])
 
 
-def _learner_records(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    """(the learner's records, lines of metrics.jsonl skipped as torn)."""
+def _run_records(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """(every record of metrics.jsonl, lines skipped as torn)."""
     from common.metrics import read_metrics_counted
 
     path = run_dir / "metrics.jsonl"
-    return read_metrics_counted(path, role="learner") if path.exists() else ([], 0)
+    return read_metrics_counted(path) if path.exists() else ([], 0)
 
 
 def final_report(run_dir: Path, cfg: Config, outcome: str, console: Console, report: Path | None = None) -> int:
     """Print held-out accuracy at start vs end and where everything is; return the process exit code."""
-    records, skipped = _learner_records(run_dir)
-    evals = [r for r in records if r.get("eval/pass@1") is not None]
+    from common.metrics import eval_records
+
+    records, skipped = _run_records(run_dir)
+    evals = eval_records(records)
     console.print(f"run {outcome}: {run_dir}")
     if skipped:
         console.print(f"metrics.jsonl: skipped {skipped} torn lines (records cut short by a failed write)")

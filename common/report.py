@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from common.metrics import read_metrics
+from common.metrics import eval_records, read_metrics
 
 SNAPSHOT_FILE = "buffer_snapshot.msgpack"
 REPORT_FILE = "report.png"
@@ -42,6 +42,8 @@ class RunData:
 
     name: str
     learner: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """Held-out evaluation records, one per evaluated version (step), in step order."""
     actors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     buffer: list[dict[str, Any]] = field(default_factory=list)
     staleness_hist: dict[int, int] = field(default_factory=dict)
@@ -69,6 +71,7 @@ def load_run(run_dir: Path) -> RunData:
             data.buffer.append(rec)
         elif isinstance(role, str) and role.startswith("actor"):
             data.actors.setdefault(role, []).append(rec)
+    data.evals = eval_records(records)
     times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
     data.t0 = min(times) if times else 0.0
     data.span_s = max(times) - data.t0 if times else 0.0
@@ -182,9 +185,9 @@ def break_gaps(t: np.ndarray, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
     return (np.insert(t, cut, middle), *(np.insert(np.asarray(y, dtype=float), cut, np.nan) for y in ys))
 
 
-def pass_at_k_key(learner: list[dict[str, Any]]) -> str | None:
-    """The eval/pass@k key (k > 1) the learner logged, if any."""
-    for rec in learner:
+def pass_at_k_key(evals: list[dict[str, Any]]) -> str | None:
+    """The eval/pass@k key (k > 1) the evaluation records carry, if any."""
+    for rec in evals:
         for key in rec:
             m = re.fullmatch(r"eval/pass@(\d+)", key)
             if m and int(m.group(1)) > 1:
@@ -252,16 +255,16 @@ def _plot_quality(ax, data: RunData, against: str) -> None:
     label_x = "learner step (optimizer steps)" if against == "steps" else "generated samples (buffer, cumulative)"
     ax.set(title=f"Reward and held-out accuracy vs {'learner steps' if against == 'steps' else 'generated samples'}",
            xlabel=label_x, ylabel="fraction (0-1)")
-    k_key = pass_at_k_key(data.learner)
-    lines = [("reward/mean", "training reward (mean over the step's samples)", "tab:blue", "-"),
-             ("eval/pass@1", "held-out pass@1 (greedy)", "tab:red", "o-")]
+    k_key = pass_at_k_key(data.evals)
+    lines = [("reward/mean", "training reward (mean over the step's samples)", "tab:blue", "-", data.learner),
+             ("eval/pass@1", "held-out pass@1 (greedy)", "tab:red", "o-", data.evals)]
     if k_key:
-        lines.append((k_key, f"held-out {k_key.split('/')[1]} (sampled)", "tab:orange", "s--"))
+        lines.append((k_key, f"held-out {k_key.split('/')[1]} (sampled)", "tab:orange", "s--", data.evals))
     drawn = 0
-    for key, label, color, style in lines:
-        x, y = series(data.learner, key)
+    for key, label, color, style, records in lines:
+        x, y = series(records, key)
         if against == "samples" and len(x):
-            times, _ = series(data.learner, key, x="time")
+            times = _step_times(data, [r for r in records if isinstance(r.get(key), (int, float))])
             xs = samples_at(data.buffer, times)
             x = xs if xs is not None else np.zeros(0)
             y = y if xs is not None else np.zeros(0)
@@ -272,8 +275,16 @@ def _plot_quality(ax, data: RunData, against: str) -> None:
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
     else:
-        what = "reward/mean, eval/pass@1 in learner records"
+        what = "reward/mean in learner records, eval/pass@1 in eval records"
         _no_data(ax, what if against == "steps" or data.learner else what + "; buffer/samples_received")
+
+
+def _step_times(data: RunData, records: list[dict[str, Any]]) -> np.ndarray:
+    """When the learner reached each record's step: an evaluation record is written when the actors finish it, but
+    it measures the weights of its step (version); version 0 is the run's start."""
+    reached = {r["step"]: r["time"] for r in data.learner if r.get("time/step_s") is not None and "time" in r}
+    return np.asarray([data.t0 if r["step"] == 0 else reached.get(r["step"], r.get("time", data.t0))
+                       for r in records], dtype=float)
 
 
 def _plot_rate(ax, data: RunData) -> None:

@@ -10,6 +10,7 @@ Request -> reply pairs (the buffer answers every request with exactly one reply 
     LeaseRequest  -> LeaseGrant (possibly with no items: admission control says wait)
     Submit        -> SubmitAck
     Release       -> Ack            (an actor gives back prompts it will not finish)
+    EvalSubmit    -> SubmitAck      (one held-out evaluation result of an evaluation lease)
     Fetch         -> Batch          (possibly empty: not enough groups yet)
     ReportVersion -> Ack
     StatsRequest  -> Stats
@@ -105,6 +106,21 @@ class WorkItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n: int
     answer: str
     metadata_json: str = "{}"
+    greedy: bool = False
+    """Evaluation leases only: decode greedily (temperature 0, n = 1) instead of with the actor's sampling."""
+
+
+class EvalResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The scored responses to one item of an evaluation lease (no tokens: evaluation only counts)."""
+
+    item_id: Name
+    correct: list[bool]
+    rewards: list[float]
+    lengths: list[Count]
+    """Response tokens of each sample, the final stop token not counted."""
+    weights_version_min: Version
+    weights_version_max: Version
+    """Oldest and newest policy version of the weights that generated these responses."""
 
 
 class ServedGroup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -143,6 +159,11 @@ class Submit(_Msg, tag="submit"):
 class Release(_Msg, tag="release"):
     lease_id: Id64
     prompt_ids: list[Name]
+
+
+class EvalSubmit(_Msg, tag="eval_submit"):
+    lease_id: Id64
+    result: EvalResult
 
 
 class Fetch(_Msg, tag="fetch"):
@@ -194,6 +215,9 @@ class LeaseGrant(_Msg, tag="lease_grant"):
     policy_version: int
     deadline_s: float
     wait_reason: str = ""
+    eval_version: int = -1
+    """>= 0: an evaluation lease for the held-out evaluation of that policy version; its items are evaluation
+    items (ids unique to the evaluation), answered with EvalSubmit, given back with Release."""
 
 
 class SubmitAck(_Msg, tag="submit_ack"):
@@ -225,8 +249,8 @@ class Error(_Msg, tag="error"):
     message: str
 
 
-Request = Union[Register, LeaseRequest, Submit, Release, Fetch, ReportVersion, StatsRequest, InspectRequest,
-                SnapshotRequest]
+Request = Union[Register, LeaseRequest, Submit, EvalSubmit, Release, Fetch, ReportVersion, StatsRequest,
+                InspectRequest, SnapshotRequest]
 Reply = Union[Registered, LeaseGrant, SubmitAck, Batch, Ack, Stats, InspectReply, Error]
 Message = Union[Request, Reply]
 

@@ -3,9 +3,11 @@
 Policy: a dead actor is restarted (up to actor.max_restarts times; the buffer re-issues its lease when it
 expires); a dead buffer is restarted from its last snapshot (up to buffer.max_restarts times; the learner
 re-announces its version to it and the actors reconnect); a dead learner stops the run with a message naming its
-log (resume it with `run_async.py --resume`). Every restart is announced with the role's log. Shutdown order:
-learner first (it checkpoints and asks the buffer for a snapshot), then actors, then the buffer (it writes its
-final snapshot).
+log (resume it with `run_async.py --resume`). Every restart is announced with the role's log. When the learner has
+finished, the actors still run the held-out evaluations the buffer has pending (its last version's among them):
+`wait_for_evaluations` waits for them up to run.eval_timeout_s, still restarting dead actors and a dead buffer.
+Shutdown order: learner first (it checkpoints and asks the buffer for a snapshot), then actors, then the buffer
+(it writes its final snapshot).
 """
 
 from __future__ import annotations
@@ -113,6 +115,26 @@ class Supervisor:
             self.announce(f"buffer exited with status {code}; restarting it from its snapshot "
                           f"({self.buffer.restarts + 1}/{self.cfg.buffer.max_restarts}); log: {self.buffer.log_path}")
             self.buffer.restart()
+    def wait_for_evaluations(self, stop_requested: list[bool], on_tick: Callable[[dict], None],
+                             refresh_s: float) -> bool:
+        """After the learner finished: wait until the buffer reports no pending evaluation (`eval_pending`), up to
+        run.eval_timeout_s or a stop request; True when none is left."""
+        deadline = time.monotonic() + self.cfg.run.eval_timeout_s
+        next_tick = time.monotonic()
+        while not stop_requested[0]:
+            self._restart_dead_buffer()
+            self._restart_dead_actors()
+            stats = self.buffer_stats()
+            if stats and not stats.get("eval_pending"):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if time.monotonic() >= next_tick:
+                on_tick(stats)
+                next_tick = time.monotonic() + refresh_s
+            time.sleep(0.2)
+        return False
+
             if self._wait_for_buffer():
                 self.announce(f"buffer answers again (restart {self.buffer.restarts}); what it received after its "
                               "last snapshot is lost, trained steps are not")

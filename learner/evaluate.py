@@ -1,7 +1,10 @@
-"""Held-out evaluation of the learner's current weights: pass@1 (greedy) and pass@k (sampled).
+"""Held-out evaluation of a model in this process: pass@1 (greedy) and pass@k (sampled), with transformers' `generate`.
 
-Runs inside the learner process on its own model, so an evaluation at version V measures exactly the weights
-of version V. Generation uses transformers' `generate` (no log-probs are needed here).
+Training runs evaluate on the actors' engines instead, coordinated by the buffer (buffer/evaluation.py), so
+training never stops for it. This module serves offline use: `learner/evaluate_suite.py` (a checkpoint or an
+exported model on a benchmark suite) and the check that an actor-served evaluation gives the same greedy results
+(tests/test_eval_actor.py). A response is every generated token before the first end-of-sequence token, the same
+tokens the HF engine returns before its stop token.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def generate_batched(model: Any, tokenizer: Any, prompt_ids: list[list[int]], *,
                              num_return_sequences=num_return_sequences, pad_token_id=pad_id,
                              eos_token_id=tokenizer.eos_token_id, **kwargs)
         for row in gen[:, width:].tolist():
-            out.append([t for t in row if t != pad_id and t != tokenizer.eos_token_id])
+            # `generate` pads a finished row after its EOS; a pad id before it is a token the model chose.
+            out.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
     return out
 
 

@@ -5,7 +5,8 @@
 Loop: fetch exactly `learner.groups_per_step` groups (a long poll; the wait is the learner's idle time) ->
 `learner.step.train_step` -> version += 1 -> broadcast weights V to the actors -> report V to the buffer (in
 that order: docs/INTERFACES.md) -> metrics -> checkpoint every `learner.checkpoint_every` steps (with a buffer
-snapshot). Held-out evaluation at the start, every `run.eval_every` steps and at the end. After
+snapshot). Held-out evaluation is not done here: the buffer posts it for the reported versions and the actors
+run it on their engines (buffer/evaluation.py), so training never stops for it. After
 `learner.total_steps` it checkpoints and exits 0; SIGTERM/SIGINT finish the current step, checkpoint, ask the
 buffer to snapshot, and exit 0. A buffer that stops answering is met with a checkpoint first, then a wait for it
 to come back (SIGTERM then exits 0); a restarted buffer is told the learner's version at once
@@ -77,8 +78,8 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises torch.distributed when launched by torchrun.
 
     Local rank r runs on GPU `learner.gpus[r]` (default r; common/layout.py refuses one an SGLang engine holds).
-    Collectives time out after `learner.dist_timeout_s`: the other ranks wait in `share_batch` while rank 0 fetches
-    and evaluates, and a rank that died must not leave them waiting forever."""
+    Collectives time out after `learner.dist_timeout_s`: the other ranks wait in `share_batch` while rank 0 fetches,
+    and a rank that died must not leave them waiting forever."""
     from common.layout import cuda_index, learner_gpu
     from common.models import resolve_device
 
@@ -227,27 +228,6 @@ def checkpoint(state: LearnerState, run_dir: Path, client: Any) -> dict[str, flo
     return {"time/checkpoint_s": time.perf_counter() - start}
 
 
-class Evaluator:
-    """Held-out evaluation of the learner's own weights (learner/evaluate.py) on the configured schedule."""
-
-    def __init__(self, cfg: Config):
-        from common.models import load_tokenizer
-        from common.tasks import load_prompts
-
-        self.cfg = cfg
-        self.prompts = load_prompts(cfg.task, "eval") if cfg.task.eval_size else []
-        self.tokenizer = load_tokenizer(cfg.run.model) if self.prompts else None
-
-    def due(self, version: int, last: bool) -> bool:
-        every = self.cfg.run.eval_every
-        return bool(self.prompts) and (version == 0 or last or (every > 0 and version % every == 0))
-
-    def run(self, model: torch.nn.Module) -> dict[str, float]:
-        from learner.evaluate import evaluate
-
-        return evaluate(model, self.tokenizer, self.prompts, self.cfg)
-
-
 class Publisher:
     """Broadcasts each new version, then reports it to the buffer (the order docs/INTERFACES.md fixes).
 
@@ -322,7 +302,6 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
     on_resend = (lambda: follower.follow(state.model)) if follower is not None else None
     metrics_log = MetricsLogger(run_dir, "learner", cfg.run.wandb_mode, cfg.run.wandb_project,
                                 config_to_dict(cfg)) if lead else None
-    evaluator = Evaluator(cfg) if lead else None
     try:
         if follower is not None and state.version > 0:  # rank 0's re-broadcast of the resumed weights, below
             follower.follow(state.model)
@@ -332,8 +311,6 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
                 metrics_log.log(state.version, publisher.publish(state.model, state.version, rollback=True))
             else:  # actors start from the same initial weights
                 publisher.synced_version = 0
-            if evaluator.due(state.version, last=False):
-                metrics_log.log(state.version, evaluator.run(state.model))
         while state.version < cfg.learner.total_steps:  # a stop reaches every rank as rank 0's None batch
             batch, waited = (fetch_batch(client, cfg, stop, lambda: publisher.retry_if_behind(
                 state.model, state.version)) if lead else (None, 0.0))
@@ -348,8 +325,6 @@ def train_loop(cfg: Config, run_dir: Path, state: LearnerState, rank: int, world
                 continue
             metrics.update(client.take_metrics())
             metrics.update(saved)
-            if not stop and evaluator.due(state.version, last=state.version >= cfg.learner.total_steps):
-                metrics.update(evaluator.run(state.model))
             metrics_log.log(state.version, metrics)
             logger.info("step %d: loss %.4f reward %.3f (%.1f s, idle %.0f%%)", state.version,
                         metrics.get("loss/policy", float("nan")), metrics.get("reward/mean", float("nan")),

@@ -46,7 +46,7 @@ def main(n: int) -> None:
                                    for i in range(64)))
         proc = subprocess.Popen([sys.executable, "-m", "buffer.server", "--preset", "tiny", "--prompts-jsonl",
                                  str(prompts), "--buffer.address", "tcp://127.0.0.1:0", "--run.wandb-mode",
-                                 "disabled"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                 "disabled", "--task.eval-size", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             address = proc.stdout.readline().split()[3]
             sock = zmq.Context.instance().socket(zmq.DEALER)

@@ -37,7 +37,8 @@ def _free_port() -> int:
 
 
 def _config(tmp_path: Path, **sections):
-    base = with_overrides(PRESETS["tiny"](), run={"wandb_mode": "disabled"},
+    # No held-out prompts: these tests follow training leases (evaluation leases: tests/test_eval_actor.py).
+    base = with_overrides(PRESETS["tiny"](), run={"wandb_mode": "disabled"}, task={"eval_size": 0},
                           learner={"sync_address": f"127.0.0.1:{_free_port()}",
                                    "sync_control_address": f"tcp://127.0.0.1:{_free_port()}"})
     return with_overrides(base, **sections) if sections else base

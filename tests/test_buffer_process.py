@@ -37,7 +37,8 @@ def server_process(tmp_path: Path, *overrides: str, n_prompts: int = 64):
     """Start the buffer; yields (Popen, address, argv) and kills it at the end."""
     argv = [sys.executable, "-m", "buffer.server", "--preset", "tiny",
             "--prompts-jsonl", str(write_prompts(tmp_path / "prompts.jsonl", n_prompts)),
-            "--buffer.address", "tcp://127.0.0.1:0", "--run.wandb-mode", "disabled", *overrides]
+            "--buffer.address", "tcp://127.0.0.1:0", "--run.wandb-mode", "disabled",
+            "--task.eval-size", "0", *overrides]  # no held-out evaluation leases among the training leases
     proc = start(argv)
     try:
         yield proc, read_address(proc), argv

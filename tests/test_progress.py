@@ -97,12 +97,12 @@ def test_phase_follows_the_roles_from_loading_to_shutdown(tmp_path):
     # Buffer up, only the actor registered.
     status = watch.update({"clients": {"actor": 1}, "samples_received": 0, "policy_version": 0})
     assert (status.phase, status.actors_registered) == ("loading", 1)
-    # The learner registered: it loaded its model and runs the evaluation due at step 0.
-    status = watch.update({"clients": {"learner": 1, "actor": 1}})
-    assert status.phase == "evaluating" and "step 0" in status.detail
-    _append(tmp_path, {"role": "learner", "step": 0, "time": 1001.0, "eval/pass@1": 0.05})
-    status = watch.update({"clients": {"learner": 1, "actor": 1}})
-    assert status.phase == "training" and "first batch" in status.detail and status.evals == ((0, 0.05),)
+    # The learner registered and waits for groups; the actors evaluate version 0 alongside (the buffer's job).
+    status = watch.update({"clients": {"learner": 1, "actor": 1}, "eval_pending": [0]})
+    assert status.phase == "training" and "first batch" in status.detail and "evaluating v0 alongside" in status.detail
+    _append(tmp_path, {"role": "eval", "step": 0, "time": 1001.0, "eval/pass@1": 0.05})
+    status = watch.update({"clients": {"learner": 1, "actor": 1}, "eval_pending": []})
+    assert status.phase == "training" and "alongside" not in status.detail and status.evals == ((0, 0.05),)
     # Steps 1..4 one second apart; 36 steps left at 1 step/s.
     _append(tmp_path, *({"role": "learner", "step": s, "time": 1010.0 + s, "time/step_s": 0.5,
                          "time/idle_fraction": 0.25, "reward/mean": 0.1 * s} for s in range(1, 5)))
@@ -110,14 +110,15 @@ def test_phase_follows_the_roles_from_loading_to_shutdown(tmp_path):
     status = watch.update({"clients": {"learner": 1, "actor": 1}})
     assert (status.phase, status.step, status.eta_s) == ("training", 4, 36.0)
     assert status.rewards == pytest.approx((0.1, 0.2, 0.3, 0.4)) and status.learner_idle == 0.25
-    # Step 5 is an evaluation step: silence well past the 1 s step pace (> 5 s) reads as the evaluation.
-    clock.now = 1014.0 + 6.0
-    assert watch.update({}).phase == "evaluating"
+    # The learner finished; the supervisor waits for the last evaluation.
+    watch.final_evaluation = True
+    status = watch.update({"eval_pending": [40]})
+    assert status.phase == "evaluating" and "v40" in status.detail
     watch.shutting_down = True
     assert watch.update({}).phase == "shutting down"
 
 
-def test_a_resumed_run_loads_and_evaluates_again_and_its_eta_ignores_the_old_run(tmp_path):
+def test_a_resumed_run_loads_and_its_eta_ignores_the_old_run(tmp_path):
     # The stopped run reached step 10 (evaluated there) an hour before this display started.
     _append(tmp_path, *({"role": "learner", "step": s, "time": 400.0 + s, "time/step_s": 0.5, "reward/mean": 0.2}
                         for s in range(1, 11)), {"role": "learner", "step": 10, "time": 410.5, "eval/pass@1": 0.3})
@@ -125,14 +126,15 @@ def test_a_resumed_run_loads_and_evaluates_again_and_its_eta_ignores_the_old_run
     watch = RunWatch(tmp_path, _cfg(), clock=clock)
     status = watch.update({"clients": {}})
     assert (status.phase, status.step, status.rewards[-1]) == ("loading", 10, 0.2)  # history shown, learner loading
-    # The resumed learner re-sends its weights (a record without a training step), then re-evaluates step 10.
+    # The resumed learner re-sends its weights (a record without a training step); evaluation 10 is not repeated.
     _append(tmp_path, {"role": "learner", "step": 10, "time": 4010.0, "time/sync_s": 0.1})
-    assert watch.update({"clients": {"learner": 1}}).phase == "evaluating"
-    _append(tmp_path, {"role": "learner", "step": 10, "time": 4020.0, "eval/pass@1": 0.3},
-            *({"role": "learner", "step": s, "time": 4020.0 + 2 * (s - 10), "time/step_s": 1.0} for s in (11, 12)))
+    assert watch.update({"clients": {"learner": 1}}).phase == "training"
+    _append(tmp_path, *({"role": "learner", "step": s, "time": 4020.0 + 2 * (s - 10), "time/step_s": 1.0}
+                        for s in (11, 12)))
     clock.now = 4025.0
     # Pace from this run only: 1 step per 2 s, 28 steps left -> 56 s (the old run's records would give ~1 h).
-    assert watch.update({"clients": {"learner": 1}}).eta_s == pytest.approx(56.0)
+    status = watch.update({"clients": {"learner": 1}})
+    assert status.eta_s == pytest.approx(56.0) and status.evals == ((10, 0.3),)  # the old run's evaluation
 
 
 def test_silence_before_an_ordinary_step_stays_training(tmp_path):

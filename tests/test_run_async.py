@@ -147,7 +147,8 @@ def test_tiny_preset_learns_accounts_for_every_group_and_leaves_no_process(tmp_p
     counters = _final_counters(run_dir)
     _assert_accounted(counters)
     assert counters["groups_served"] >= 30 * 4  # 30 steps x 4 groups, zero-variance groups excluded
-    assert _learner_records(run_dir, "eval/pass@1"), "no held-out evaluation was logged"
+    evals = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", role="eval")]
+    assert evals == [0, 5, 10, 15, 20, 25, 30], evals  # the buffer's jobs: start, every 5 (the preset), the end
     assert (run_dir / "config.json").exists() and (run_dir / "logs" / "learner.log").exists()
     assert _processes_mentioning(str(run_dir)) == []
 
