@@ -19,6 +19,10 @@ before the head (hidden states, weight, token ids); it includes both gradient ou
    peak exceeds --rss-limit-gb is skipped, so as not to push a shared machine into swap or the OOM killer.
 
 Prints two Markdown tables.
+The sharded learner (`--fsdp`, bench/fsdp_memory.py): the SmolLM2-135M learner step on 2 gloo ranks, replicated vs
+FSDP2: per rank, the float32 parameter, gradient and AdamW bytes held, the peak resident memory and the step time.
+
+    python -m bench.learner_memory --fsdp [--fsdp-model smollm2] [--fsdp-steps 2] [--fsdp-groups 2]
 """
 
 from __future__ import annotations
@@ -194,11 +198,21 @@ def main() -> None:
     parser.add_argument("--rss-limit-gb", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fsdp", action="store_true", help="the sharded learner's memory (bench/fsdp_memory.py)")
+    parser.add_argument("--fsdp-model", default="smollm2", help="--fsdp: run.model of the learner")
+    parser.add_argument("--fsdp-steps", type=int, default=2, help="--fsdp: timed steps after one warm-up step")
+    parser.add_argument("--fsdp-groups", type=int, default=2, help="--fsdp: groups of 4 samples per step")
+    parser.add_argument("--fsdp-response-tokens", type=int, default=32, help="--fsdp: tokens per response")
     parser.add_argument("--cell", type=int, nargs=4, metavar=("TOKENS", "HIDDEN", "VOCAB", "CHUNK"),
                         help="internal: measure one cell in this process and print JSON")
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(measure_cell(*args.cell, repeats=args.repeats, threads=args.threads)))
+        return
+    if args.fsdp:
+        from bench.fsdp_memory import run
+
+        print("\n".join(run(args.fsdp_model, args.fsdp_steps, args.fsdp_groups, args.fsdp_response_tokens)))
         return
     print(f"# bench.learner_memory {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"torch {torch.__version__}\n")

@@ -3,6 +3,7 @@
 #
 #     bash scripts/gpu_wheels.sh          # on a machine with internet, once: wheels into .whl/
 #     bash scripts/gpu_check.sh           # on the GPU host, from the repository root (or anywhere: it cd's there)
+#     bash scripts/gpu_check.sh --cpu-smoke   # anywhere: only check 4's Python part, tiny model on the CPU
 #
 # Needs python3 with torch (CUDA), transformers and msgpack; the rest (pyzmq, msgspec, tyro, rich,
 # pytest) is installed from .whl/ into a temporary directory with `pip install --no-index` (no internet needed).
@@ -10,6 +11,8 @@
 #   1. gpu tests     pytest -m gpu (the tests that skip without CUDA)
 #   2. tiny run      run_async.py --preset tiny, HF engine, learner and actor on GPU 0 (shared: gloo weight sync)
 #   3. throughput    scripts/learner_throughput.py: learner steps of a random Qwen2 0.5B-shaped model
+#   4. fsdp          scripts/fsdp_throughput.py: the same model wrapped with FSDP2 on a 1-rank mesh (the sharded
+#                    learner's code path: fully_shard per layer and root, bf16 gathers, float32 master weights)
 # Exit status: the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +24,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="$WORK/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+if [ "${1:-}" = "--cpu-smoke" ]; then
+    timeout 300 $PY scripts/fsdp_throughput.py --cpu-smoke 2>&1 | grep '^fsdp_throughput' \
+        && echo "SUMMARY fsdp_cpu_smoke: ok" && exit 0
+    echo "SUMMARY fsdp_cpu_smoke: FAIL"; exit 1
+fi
 export DYNAMO_RL_CACHE="${DYNAMO_RL_CACHE:-$WORK/cache}"
 FAILED=0
 summary() {  # summary NAME STATUS DETAIL
@@ -60,6 +68,12 @@ timeout 240 $PY scripts/learner_throughput.py --device cuda --size 0.5b --steps 
 code=$?
 line=$(grep '^learner_throughput' "$WORK/throughput.log" || tail -n 3 "$WORK/throughput.log")
 summary throughput "$([ $code = 0 ] && echo ok || echo FAIL)" "($line)"
+
+# 4. the FSDP2 learner step on one GPU (1-rank mesh), same model and batch as check 3
+timeout 150 $PY scripts/fsdp_throughput.py --device cuda --size 0.5b --steps 2 > "$WORK/fsdp.log" 2>&1
+code=$?
+line=$(grep '^fsdp_throughput' "$WORK/fsdp.log" || tail -n 3 "$WORK/fsdp.log")
+summary fsdp "$([ $code = 0 ] && echo ok || echo FAIL)" "($line)"
 
 echo "logs: $WORK"
 exit $FAILED

@@ -35,12 +35,13 @@ def scenarios():
     """(name, config, batch). 4 groups x 4 samples in 2 mini-batches of 8 sequences (the second trains against
     pi_prox). `odd`: 3 rows per micro-batch -> 3 micro-batches per mini-batch (rank 0 takes 2, rank 1 takes 1 and
     pads one neutral pass), minibatch-scope modulation. `one`: 1 micro-batch per mini-batch (rank 1 has none), the
-    chunked loss head. A tight grad_clip makes the clip act (the norm must be the global one)."""
+    chunked loss head, per-layer activation checkpointing. A tight grad_clip makes the clip act (the norm must be the global one)."""
     seq = PROMPT + RESPONSE
     base = with_overrides(make_cfg(modulation=True, modulation_scope="minibatch"),
                           learner={"mini_batches": 2, "groups_per_step": 4, "grad_clip": 0.05})
     odd = with_overrides(base, learner={"micro_batch_tokens": 3 * seq})
-    one = with_overrides(base, learner={"micro_batch_tokens": 8 * seq, "loss_chunk_tokens": 4})
+    one = with_overrides(base, learner={"micro_batch_tokens": 8 * seq, "loss_chunk_tokens": 4,
+                                        "activation_checkpointing": True})
     return [("odd", odd, make_batch(tiny_groups(5))), ("one", one, make_batch(tiny_groups(6)))]
 
 
@@ -78,6 +79,7 @@ def _step_rank(rank, port, out, errors):
     _in_group(rank, 2, port, errors, body)
 
 
+@pytest.mark.unit
 def test_config_fields_are_validated():
     assert LearnerConfig().sharding == "fsdp" and not LearnerConfig().cpu_offload
     with pytest.raises(ConfigError, match="learner.sharding"):
@@ -204,3 +206,24 @@ def test_single_process_checkpoint_resumes_on_two_sharded_ranks(tmp_path):
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert_same_state(resumed["loaded"], saved)
     assert_close_weights(resumed["after"], whole_weights(state))
+
+
+@pytest.mark.integration
+def test_activation_checkpointing_keeps_the_step_and_saves_fewer_tensors():
+    """Per-layer recomputation in backward: the same step (fp32 on CPU: the recomputed forward is the same
+    arithmetic), with the layers' activations not kept between forward and backward (the model is in eval mode,
+    where Hugging Face's own gradient checkpointing does nothing)."""
+    torch.set_num_threads(1)
+    name, cfg, batch = scenarios()[0]
+    results = {}
+    for checkpointing in (False, True):
+        state = build_state(tiny(), with_overrides(cfg, learner={"activation_checkpointing": checkpointing}).learner)
+        mb = prepare_step(batch, cfg).mini_batches[0][0]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            state.policy(mb.input_ids, mb.attention_mask, mb.logit_index).sum().backward()
+        train_step(state, batch, cfg)
+        results[checkpointing] = (sum(saved), whole_weights(state))
+    (kept_plain, plain), (kept_ckpt, ckpt_weights) = results[False], results[True]
+    assert kept_ckpt < kept_plain / 2, (kept_ckpt, kept_plain)  # 4 layers: only their inputs stay
+    assert_same_state(ckpt_weights, plain)
