@@ -480,13 +480,13 @@ class RunConfig:
     """Learner steps between held-out evaluations (0: only at start and end)."""
     eval_samples: int = 4
     """Samples per eval prompt for pass@k (pass@1 uses greedy decoding)."""
-    resume: str = ""
     eval_share: float = 0.5
     """While a held-out evaluation is pending, the most it takes of the sequences the buffer grants (in (0, 1]):
     an evaluation lease goes out while evaluation sequences <= eval_share x all sequences granted since the
     evaluation was posted, or whenever there is no training work to grant."""
     eval_timeout_s: float = 600.0
     """After the learner finishes, how long run_async.py waits for pending held-out evaluations before it stops."""
+    resume: str = ""
     """Run directory to resume (continues its checkpoint and buffer snapshot)."""
     secret: str = ""
     """Per-run shared secret of the roles (learner registration at the buffer, weight-sync store keys and
@@ -496,9 +496,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
         _check(self.eval_samples >= 1, "run.eval_samples", "must be >= 1")
-        _check("/" not in self.name, "run.name", "must not contain '/'")
         _check(0.0 < self.eval_share <= 1.0, "run.eval_share", "must be in (0, 1]")
         _check(self.eval_timeout_s >= 0.0, "run.eval_timeout_s", "must be >= 0")
+        _check("/" not in self.name, "run.name", "must not contain '/'")
 
 
 @dataclass(frozen=True)

@@ -101,20 +101,6 @@ class Supervisor:
             time.sleep(0.2)
         return "stopped"
 
-    def _check_alive(self, role: RoleProcess) -> None:
-        code = role.returncode()
-        if code is not None:
-            raise RoleFailed(f"{role.name} exited with status {code}; see {role.log_path}\n{role.log_tail()}")
-
-    def _restart_dead_buffer(self) -> None:
-        """Restart a dead buffer from its snapshot and wait until it answers (a restart that dies is retried)."""
-        while (code := self.buffer.returncode()) is not None:
-            if self.buffer.restarts >= self.cfg.buffer.max_restarts:
-                raise RoleFailed(f"buffer died {self.buffer.restarts + 1} times (last status {code}); "
-                                 f"see {self.buffer.log_path}\n{self.buffer.log_tail()}")
-            self.announce(f"buffer exited with status {code}; restarting it from its snapshot "
-                          f"({self.buffer.restarts + 1}/{self.cfg.buffer.max_restarts}); log: {self.buffer.log_path}")
-            self.buffer.restart()
     def wait_for_evaluations(self, stop_requested: list[bool], on_tick: Callable[[dict], None],
                              refresh_s: float) -> bool:
         """After the learner finished: wait until the buffer reports no pending evaluation (`eval_pending`), up to
@@ -135,6 +121,20 @@ class Supervisor:
             time.sleep(0.2)
         return False
 
+    def _check_alive(self, role: RoleProcess) -> None:
+        code = role.returncode()
+        if code is not None:
+            raise RoleFailed(f"{role.name} exited with status {code}; see {role.log_path}\n{role.log_tail()}")
+
+    def _restart_dead_buffer(self) -> None:
+        """Restart a dead buffer from its snapshot and wait until it answers (a restart that dies is retried)."""
+        while (code := self.buffer.returncode()) is not None:
+            if self.buffer.restarts >= self.cfg.buffer.max_restarts:
+                raise RoleFailed(f"buffer died {self.buffer.restarts + 1} times (last status {code}); "
+                                 f"see {self.buffer.log_path}\n{self.buffer.log_tail()}")
+            self.announce(f"buffer exited with status {code}; restarting it from its snapshot "
+                          f"({self.buffer.restarts + 1}/{self.cfg.buffer.max_restarts}); log: {self.buffer.log_path}")
+            self.buffer.restart()
             if self._wait_for_buffer():
                 self.announce(f"buffer answers again (restart {self.buffer.restarts}); what it received after its "
                               "last snapshot is lost, trained steps are not")
