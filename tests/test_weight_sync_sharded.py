@@ -97,15 +97,15 @@ def _finish_rank(out: Path, rank: int, result: dict) -> None:
     dist.destroy_process_group()
 
 
-def _broadcast_rank(rank, port, cfg, layout, model_name, out, errors):
-    """Rank 0 sends version 1 of the sharded model to one receiver (counting the gathered bytes for the `wider`
-    model); rank 1 follows."""
+def _broadcast_rank(rank, port, cfg, layout, model_name, wire, out, errors):
+    """Rank 0 sends version 1 of the sharded model in dtype `wire` to one receiver (counting the gathered bytes for
+    the `wider` model); rank 1 follows."""
     try:
         _init_rank(rank, port)
         model = shard(tiny() if model_name == "tiny" else wider())
         if rank == 0:
             counter = LiveBytes() if model_name == "wider" else None
-            sender = WeightSender(cfg, world_size=2, device="cpu", layout=layout)
+            sender = WeightSender(cfg, world_size=2, device="cpu", layout=layout, wire_dtype=getattr(torch, wire))
             metrics = sender.broadcast(model, version=1)
             sender.close()
             result = {"sync_ok": metrics["perf/sync_ok"], "sync_bytes": metrics["perf/sync_bytes"]}
@@ -114,7 +114,7 @@ def _broadcast_rank(rank, port, cfg, layout, model_name, out, errors):
         else:
             from learner.weight_sync import ShardGatherer
 
-            result = {"followed": ShardGatherer(cfg, "cpu").follow(model)}
+            result = {"followed": ShardGatherer(cfg, "cpu", wire_dtype=getattr(torch, wire)).follow(model)}
         _finish_rank(out, rank, result)
     except BaseException:
         errors.put(f"rank {rank}: {traceback.format_exc()[-1500:]}")
@@ -254,14 +254,15 @@ def _wait_version(receiver: WeightReceiver, version: int, procs, errors) -> tupl
 # ---------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("layout", ["flat", "per_tensor"])
-def test_sharded_learner_sends_the_whole_model_bitwise(tmp_path, layout):
-    """fp32 on the wire: the receiver holds exactly the single-process model's weights (the tiny model's 61-row
-    embedding is split 31/30 over the ranks, and its LM head is tied: sent once, under the embedding's name)."""
+@pytest.mark.parametrize("layout, wire", [("flat", "float32"), ("per_tensor", "float32"), ("flat", "bfloat16")])
+def test_sharded_learner_sends_the_whole_model_bitwise(tmp_path, layout, wire):
+    """The receiver holds exactly the single-process model's weights, in fp32 on an fp32 wire, and on a bf16 wire
+    exactly their bf16 cast (each shard is cast before the gather; the cast is elementwise, so this is the same).
+    The tiny model's 61-row embedding is split 31/30 over the ranks, and its LM head is tied: sent once."""
     torch.set_num_threads(1)
     cfg = _cfg()
-    reference = dict(unique_named_tensors(tiny()))
-    procs, errors = _fork_ranks(_broadcast_rank, (cfg, layout, "tiny", tmp_path))
+    reference = {k: t.to(getattr(torch, wire)) for k, t in unique_named_tensors(tiny())}
+    procs, errors = _fork_ranks(_broadcast_rank, (cfg, layout, "tiny", wire, tmp_path))
     receiver = WeightReceiver(cfg, 1, reference, "cpu").start()
     try:
         got = _wait_version(receiver, 1, procs, errors)
@@ -272,7 +273,7 @@ def test_sharded_learner_sends_the_whole_model_bitwise(tmp_path, layout):
     assert got is not None and got[0] == 1
     _assert_bitwise_equal(got[1], reference)
     assert "lm_head.weight" not in got[1]
-    assert sender["sync_bytes"] == sum(t.numel() * 4 for t in reference.values())
+    assert sender["sync_bytes"] == sum(t.numel() * t.element_size() for t in reference.values())
 
 
 @pytest.mark.parametrize("layout", ["flat", "per_tensor"])
@@ -285,7 +286,7 @@ def test_whole_tensors_alive_on_rank_0_stay_within_two_buckets(tmp_path, layout)
     reference = dict(unique_named_tensors(wider()))
     model_bytes = sum(t.numel() * t.element_size() for t in reference.values())
     largest = max(t.numel() * t.element_size() for t in reference.values())
-    procs, errors = _fork_ranks(_broadcast_rank, (cfg, layout, "wider", tmp_path))
+    procs, errors = _fork_ranks(_broadcast_rank, (cfg, layout, "wider", "float32", tmp_path))
     receiver = WeightReceiver(cfg, 1, reference, "cpu").start()
     try:
         got = _wait_version(receiver, 1, procs, errors)
