@@ -373,11 +373,12 @@ class LearnerConfig:
     """Optimizer steps per batch (PPO-style); >1 makes pi_prox differ from pi_theta."""
     micro_batch_tokens: int = 4096
     """Token budget (padded sequence length x rows) of one forward/backward micro-batch."""
-    loss_chunk_tokens: int = 0
+    loss_chunk_tokens: int = 1024
     """Response positions per chunk of the loss head (learner/loss_head.py): the LM head projection, log-probs,
     entropy and E_pi[pi * Lambda] are computed this many tokens at a time and recomputed in backward, so the
-    head's extra memory is O(chunk x vocabulary) instead of O(micro-batch tokens x vocabulary); 1024 suits
-    large vocabularies. 0: project the whole micro-batch at once (the [B, R, V] logits are materialised)."""
+    head's extra memory is two [chunk, vocabulary] float32 buffers instead of several [micro-batch response tokens,
+    vocabulary] logits-sized tensors (and never grows with the micro-batch). 0: project the whole micro-batch at
+    once (the [B, R, V] logits are materialised, as a forward hook on the LM head sees them)."""
     total_steps: int = 40
     """Learner steps in the run."""
     lr: float = 2e-5

@@ -35,12 +35,15 @@ def test_bf16_compute_at_lr_1e_6_changes_at_least_99_percent_of_the_weights(tmp_
     cfg, state = learner("bfloat16", tmp_path)
     assert {p.dtype for p in state.model.parameters()} == {torch.float32}  # master weights
     seen = set()
-    hook = state.model.get_output_embeddings().register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    # the body's projections: the chunked loss head (the default) calls F.linear on the head weight, not the module
+    hooks = [m.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+             for m in state.model.modules() if isinstance(m, torch.nn.Linear)]
     before = [p.detach().clone() for p in state.model.parameters()]
     batch = covering_batch(state.model.config.vocab_size)
     for _ in range(10):
         train_step(state, batch, cfg)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     assert seen == {torch.bfloat16}  # the forward ran in bf16
     changed = sum(int((p.detach() != b).sum()) for p, b in zip(state.model.parameters(), before))
     total = sum(b.numel() for b in before)

@@ -140,20 +140,26 @@ def test_gradients_do_not_depend_on_the_micro_batch_split(scope):
 
 
 def _logit_grads(model, batch, cfg):
-    """d loss / d logits at each response position [N_valid, V], in sample order, for one micro-batch step."""
+    """d loss / d (LM head input) at each response position [N_valid, H], in sample order, for one micro-batch
+    step. The head is linear, so this is W^T (d loss / d logits) position by position: a per-token factor on the
+    logit gradient shows up unchanged here. Taken at the head's input, it reads the chunked head (the default,
+    whose logits never exist whole) and the unchunked one alike."""
     captured = {}
+    state = build_state(model, cfg.learner)
+    response_hidden = state.policy.response_hidden
 
-    def hook(module, inputs, output):
-        output.retain_grad()
-        captured["logits"] = output
+    def keep_grad(*args):
+        hidden = response_hidden(*args)  # [B, R, H]
+        hidden.retain_grad()
+        captured["hidden"] = hidden
+        return hidden
 
-    handle = model.get_output_embeddings().register_forward_hook(hook)
+    state.policy.response_hidden = keep_grad
     prepared = prepare_step(batch, cfg)
     (mb,) = prepared.mini_batches[0]
-    metrics = accumulate_gradients(build_state(model, cfg.learner), [mb], prepared.denominators[0], cfg)
-    handle.remove()
+    metrics = accumulate_gradients(state, [mb], prepared.denominators[0], cfg)
     order = torch.argsort(mb.sample_index)
-    grad = captured["logits"].grad[order][mb.mask[order]]  # [N_valid, V]
+    grad = captured["hidden"].grad[order][mb.mask[order]]  # [N_valid, H]
     return grad, metrics
 
 
