@@ -15,7 +15,9 @@ neither the learner nor an actor sleeps past the event it waits for. The state i
 snapshotted atomically (tmp + fsync + rename, the previous file kept as `<snapshot>.prev`) every
 `buffer.snapshot_interval_s`, on SnapshotRequest and on SIGTERM/SIGINT, and restored on start (a corrupt file is
 refused by name and the previous one used). With a run dir, `buffer/*` metrics go to <run_dir>/metrics.jsonl every
-few seconds. An address with port 0 binds a free port; the bound endpoint is printed as `buffer listening on ...`.
+few seconds, and each finished held-out evaluation (buffer/evaluation.py: the held-out prompts of the task, handed
+to the actors as evaluation leases) as one record with role `eval` and step = the evaluated version. An address with
+port 0 binds a free port; the bound endpoint is printed as `buffer listening on ...`.
 
 Failure model: nothing a client sends can stop the loop. Every integer is range-checked at decode time; an
 exception while handling, encoding or sending a reply is logged, counted (`errors.internal`) and answered with

@@ -26,6 +26,11 @@ carry a one-sentence `low_yield_warning`, logged once per episode.
 A snapshot file is a header (magic, format, payload length, SHA-256 of format + length + payload) followed by the
 MessagePack payload: `decode_snapshot` refuses any file whose header or checksum does not match, naming it.
 
+Held-out evaluation (`buffer/evaluation.py`, `self.evals`): a version report posts the job due at that version; a
+lease request gets an evaluation lease instead of training work within run.eval_share of the granted sequences (or
+when training work would wait); evaluation leases share the lease id space and expiry, and the snapshot keeps the
+finished and pending versions.
+
 Time is passed in explicitly (`now`, monotonic seconds) so tests can drive expiry without sleeping.
 """
 

@@ -408,7 +408,7 @@ class LearnerConfig:
     CPUOffloadPolicy; the optimizer step runs on the CPU)."""
     dist_timeout_s: float = 1800.0
     """Timeout of the data-parallel learner's collectives. The other ranks wait in one while rank 0 fetches a batch
-    (up to fetch_timeout_s) and evaluates, so it must exceed fetch_timeout_s."""
+    (up to fetch_timeout_s), so it must exceed fetch_timeout_s."""
     threads: int = 0
     """torch CPU threads for the learner (0: this host's cores shared evenly by the actors and the learner)."""
     checkpoint_every: int = 10
@@ -478,7 +478,7 @@ class RunConfig:
     wandb_project: str = "dynamo-rl"
     """wandb project name."""
     eval_every: int = 10
-    """Learner steps between held-out evaluations (0: only at start and end)."""
+    """Versions between held-out evaluations, which the buffer hands to the actors (0: only at start and end)."""
     eval_samples: int = 4
     """Samples per eval prompt for pass@k (pass@1 uses greedy decoding)."""
     eval_share: float = 0.5
