@@ -10,6 +10,9 @@ fsdp) and runs one warm-up step and --fsdp-steps timed steps on the same synthet
 Per rank it reports: the peak resident memory of the steps (VmHWM, reset after the warm-up), the resident memory
 after the model is built, the bytes this rank holds of the float32 parameters, gradients and AdamW moments (its
 shards under FSDP2, counted from the tensors), and the median step time. Prints one Markdown table.
+
+Resident memory depends on glibc keeping freed memory: run it as the supervisor starts the learner
+(`MALLOC_MMAP_THRESHOLD_=131072`, common/supervisor.py), or the freed whole model and step buffers stay resident.
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ Order of operations in `train_step(state, batch, cfg)`:
    mini-batch's loss denominators (valid tokens, sequences) once.
 2. pi_prox: with several mini-batches, a no-grad pass at the step's starting weights records pi_prox for every
    mini-batch after the first (for the first, pi_prox is the detached current log-prob: same weights).
-3. Per mini-batch (`accumulate_gradients`, `apply_gradients`): with modulation over the `minibatch` scope and more than one micro-batch, a
-   no-grad pre-pass collects H_max, H_min and max Xi over the whole mini-batch; then per micro-batch: forward
-   (logits / actor.temperature, because behaviour log-probs are at the sampling temperature) -> log-prob,
-   entropy and E_pi[pi Lambda] chunk-wise -> modulated advantages -> decoupled-PPO loss with truncated IS over
-   the fixed denominator -> backward; then clip the gradient norm and take an AdamW step.
+3. Per mini-batch (`accumulate_gradients`, `apply_gradients`): with modulation over the `minibatch` scope and
+   more than one micro-batch, a no-grad pre-pass collects H_max, H_min and max Xi over the whole mini-batch; then
+   per micro-batch: forward (logits / actor.temperature, because behaviour log-probs are at the sampling
+   temperature) -> log-prob, entropy and E_pi[pi Lambda] chunk-wise -> modulated advantages -> decoupled-PPO
+   loss with truncated IS over the fixed denominator -> backward; then clip the gradient norm and take an AdamW
+   step.
 4. Scheduler step (linear warm-up over learner steps, then constant), `state.version += 1`.
 
 Dropout stays off (the model is in eval mode) so that pi_theta equals pi_prox at the start of a step.

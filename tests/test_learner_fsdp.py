@@ -34,12 +34,13 @@ def tiny_groups(seed: int, n_groups: int = 4, group_size: int = 4):
 def scenarios():
     """(name, config, batch). 4 groups x 4 samples in 2 mini-batches of 8 sequences (the second trains against
     pi_prox). `odd`: 3 rows per micro-batch -> 3 micro-batches per mini-batch (rank 0 takes 2, rank 1 takes 1 and
-    pads one neutral pass), minibatch-scope modulation. `one`: 1 micro-batch per mini-batch (rank 1 has none), the
-    chunked loss head, per-layer activation checkpointing. A tight grad_clip makes the clip act (the norm must be the global one)."""
+    pads one neutral pass), minibatch-scope modulation, the unchunked loss head. `one`: 1 micro-batch per
+    mini-batch (rank 1 has none), the chunked loss head, per-layer activation checkpointing. A tight grad_clip makes
+    the clip act (the norm must be the global one)."""
     seq = PROMPT + RESPONSE
     base = with_overrides(make_cfg(modulation=True, modulation_scope="minibatch"),
                           learner={"mini_batches": 2, "groups_per_step": 4, "grad_clip": 0.05})
-    odd = with_overrides(base, learner={"micro_batch_tokens": 3 * seq})
+    odd = with_overrides(base, learner={"micro_batch_tokens": 3 * seq, "loss_chunk_tokens": 0})
     one = with_overrides(base, learner={"micro_batch_tokens": 8 * seq, "loss_chunk_tokens": 4,
                                         "activation_checkpointing": True})
     return [("odd", odd, make_batch(tiny_groups(5))), ("one", one, make_batch(tiny_groups(6)))]
