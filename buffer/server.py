@@ -274,7 +274,8 @@ class BufferServer:
         self._last_metrics: tuple[float, dict[str, Any]] | None = None
         self._handlers: dict[type, Callable[[Any, float], Any]] = {
             Register: self._on_register, LeaseRequest: self._on_lease, Submit: self._on_submit,
-            EvalSubmit: self._on_eval_submit, Release: self._on_release, Fetch: self._on_fetch, ReportVersion: self._on_version,
+            EvalSubmit: self._on_eval_submit, Release: self._on_release, Fetch: self._on_fetch,
+            ReportVersion: self._on_version,
             StatsRequest: self._on_stats, InspectRequest: self._on_inspect, SnapshotRequest: self._on_snapshot,
         }
         # The held-out evaluation due at the buffer's version (version 0 of a fresh run), and the jobs a restored

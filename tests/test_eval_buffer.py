@@ -144,10 +144,12 @@ def test_eval_share_of_sequences_and_eval_first_when_training_waits():
         kinds = []
         for _ in range(7):
             grant = client.lease("a0", 1)
-            kinds.append((grant.eval_version, grant.items[0].n))
-        # eval/all sequences before each lease: 0/0 eval(1) -> 1/1 > 0.5 train(2) -> 1/3 eval(1) -> 2/4 eval(4)
-        # -> 6/8 train(2) -> 6/10 train(2) -> 6/12 eval(4)
-        assert kinds == [(0, 1), (-1, 2), (0, 1), (0, 4), (-1, 2), (-1, 2), (0, 4)]
+            kinds.append((grant.eval_version, sum(it.n for it in grant.items)))
+        # An evaluation lease holds items up to max_prompts x n_mean = 2 sequences (at least one item): both greedy
+        # items (1 each), or one sampled item (4). eval/all sequences before each lease:
+        # 0/0 eval(2) -> 2/2 > 0.5 train(2) -> 2/4 eval(4) -> 6/8 train(2) -> 6/10 train(2) -> 6/12 eval(4) -> 10/16
+        # train(2)
+        assert kinds == [(0, 2), (-1, 2), (0, 4), (-1, 2), (-1, 2), (0, 4), (-1, 2)]
     # Training blocked by admission control: evaluation is granted at once anyway.
     cfg = eval_cfg()
     blocked = with_overrides(cfg, algo={"max_staleness": 0}, learner={"groups_per_step": 1})
@@ -198,7 +200,7 @@ def test_expired_or_released_eval_lease_is_reissued_and_the_job_finishes_with_on
 def test_bad_results_are_refused_by_name_and_counted():
     cfg = eval_cfg(eval_share=1.0)
     with serving(cfg, 1) as client:
-        grant = client.lease("a0", 2)
+        grant = client.lease("a0", 4)
         greedy, sampled = grant.items
         bad = {
             "unknown_lease": (grant.lease_id + 99, result(greedy, [True])),
