@@ -18,17 +18,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+if [ "${1:-}" = "--cpu-smoke" ]; then  # this checkout's environment (no wheels, no GPU)
+    PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 300 $PY scripts/fsdp_throughput.py --cpu-smoke 2>&1 \
+        | grep '^fsdp_throughput' && echo "SUMMARY fsdp_cpu_smoke: ok" && exit 0
+    echo "SUMMARY fsdp_cpu_smoke: FAIL"; exit 1
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
         || { echo "SUMMARY wheels: FAIL (pip install from .whl/)"; exit 9; }
     export PYTHONPATH="$WORK/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
-if [ "${1:-}" = "--cpu-smoke" ]; then
-    timeout 300 $PY scripts/fsdp_throughput.py --cpu-smoke 2>&1 | grep '^fsdp_throughput' \
-        && echo "SUMMARY fsdp_cpu_smoke: ok" && exit 0
-    echo "SUMMARY fsdp_cpu_smoke: FAIL"; exit 1
-fi
 export DYNAMO_RL_CACHE="${DYNAMO_RL_CACHE:-$WORK/cache}"
 FAILED=0
 summary() {  # summary NAME STATUS DETAIL

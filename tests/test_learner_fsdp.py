@@ -228,3 +228,17 @@ def test_activation_checkpointing_keeps_the_step_and_saves_fewer_tensors():
     (kept_plain, plain), (kept_ckpt, ckpt_weights) = results[False], results[True]
     assert kept_ckpt < kept_plain / 2, (kept_ckpt, kept_plain)  # 4 layers: only their inputs stay
     assert_same_state(ckpt_weights, plain)
+
+
+@pytest.mark.integration
+def test_gpu_check_runs_its_fsdp_step_on_a_cpu():
+    """scripts/gpu_check.sh check 4's Python part (scripts/fsdp_throughput.py) on the CPU, tiny Qwen2, one rank."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-smoke"], cwd=repo, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1"), timeout=300)
+    assert out.returncode == 0 and "SUMMARY fsdp_cpu_smoke: ok" in out.stdout, (out.stdout + out.stderr)[-2000:]
+    assert "tokens_per_s=" in out.stdout
