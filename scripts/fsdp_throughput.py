@@ -1,13 +1,14 @@
 """FSDP2 learner step throughput on one device: the sharded learner's code path on a 1-rank mesh.
 
     python scripts/fsdp_throughput.py [--device cuda] [--size 0.5b|tiny] [--steps 3] [--dtype bfloat16]
-        [--activation-checkpointing] [--cpu-smoke]
+        [--activation-checkpointing] [--cpu-offload] [--cpu-smoke]
 
 Builds the randomly initialised Qwen2 model of scripts/learner_throughput.py (`--size 0.5b`: the Qwen2.5-0.5B shape,
 ~494 M parameters, tied LM head), starts a one-rank process group (NCCL on a GPU, gloo on the CPU), wraps it as the
 learner does with `learner.sharding fsdp` (`build_state(..., sharded=True)`: fully_shard per decoder layer and on the
 root, bf16 gathers over float32 master weights), and times --steps learner steps after one warm-up step on the same
-random batch. `--cpu-smoke`: the tiny size on the CPU, one step, small batch (checks the path without a GPU).
+random batch. `--cpu-offload` keeps the shards, gradients and AdamW state in host memory (GPU only).
+`--cpu-smoke`: the tiny size on the CPU, one step, small batch (checks the path without a GPU).
 Prints one line: `fsdp_throughput ... tokens_per_s=... peak_memory_mb=...`.
 """
 
@@ -36,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 1 step, small batch")
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -63,7 +65,8 @@ def main() -> None:
     init_one_rank(device)
     learner = {"dtype": args.dtype, "lr": 1e-6, "groups_per_step": args.groups,
                "micro_batch_tokens": args.micro_batch_tokens, "loss_chunk_tokens": args.loss_chunk_tokens,
-               "activation_checkpointing": args.activation_checkpointing, "sharding": "fsdp"}
+               "activation_checkpointing": args.activation_checkpointing, "cpu_offload": args.cpu_offload,
+               "sharding": "fsdp", "device": str(device)}
     cfg = with_overrides(PRESETS["tiny"](), learner=learner, algo={"n_max": max(12, args.group_size)})
     model = build_model(args.size, device)
     params = sum(p.numel() for p in model.parameters())
@@ -84,7 +87,7 @@ def main() -> None:
     tokens = args.steps * args.groups * args.group_size * (args.prompt_tokens + args.response_tokens)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else last["perf/peak_memory_mb"]
     print(f"fsdp_throughput size={args.size} params={params / 1e6:.0f}M device={device} dtype={args.dtype} "
-          f"activation_checkpointing={args.activation_checkpointing} tokens_per_step={tokens // args.steps} "
+          f"activation_checkpointing={args.activation_checkpointing} cpu_offload={args.cpu_offload} tokens_per_step={tokens // args.steps} "
           f"step_s={elapsed / args.steps:.3f} tokens_per_s={tokens / elapsed:.0f} peak_memory_mb={peak:.0f} "
           f"grad_norm={last['optim/grad_norm']:.3g}", flush=True)
     dist.destroy_process_group()

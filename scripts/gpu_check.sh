@@ -12,7 +12,8 @@
 #   2. tiny run      run_async.py --preset tiny, HF engine, learner and actor on GPU 0 (shared: gloo weight sync)
 #   3. throughput    scripts/learner_throughput.py: learner steps of a random Qwen2 0.5B-shaped model
 #   4. fsdp          scripts/fsdp_throughput.py: the same model wrapped with FSDP2 on a 1-rank mesh (the sharded
-#                    learner's code path: fully_shard per layer and root, bf16 gathers, float32 master weights)
+#                    learner's code path: fully_shard per layer and root, bf16 gathers, float32 master weights),
+#                    then one step with learner.cpu_offload and activation checkpointing
 # Exit status: the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +75,11 @@ timeout 150 $PY scripts/fsdp_throughput.py --device cuda --size 0.5b --steps 2 >
 code=$?
 line=$(grep '^fsdp_throughput' "$WORK/fsdp.log" || tail -n 3 "$WORK/fsdp.log")
 summary fsdp "$([ $code = 0 ] && echo ok || echo FAIL)" "($line)"
+timeout 120 $PY scripts/fsdp_throughput.py --device cuda --size 0.5b --steps 1 --cpu-offload \
+    --activation-checkpointing > "$WORK/fsdp_offload.log" 2>&1
+code=$?
+line=$(grep '^fsdp_throughput' "$WORK/fsdp_offload.log" || tail -n 3 "$WORK/fsdp_offload.log")
+summary fsdp_offload "$([ $code = 0 ] && echo ok || echo FAIL)" "($line)"
 
 echo "logs: $WORK"
 exit $FAILED
