@@ -34,6 +34,7 @@ the in-learner evaluation's generation; after each phase it records VmRSS and th
 between phases through /proc/self/clear_refs). `--account` adds a step under `TensorBytes` (the bytes of the
 tensors a step allocates). Prints a table and the arithmetic (weights, gradients, AdamW moments, logits, staging).
 Step times are wall and CPU seconds: on a shared machine the CPU time is the one to compare.
+
 The sharded learner (`--fsdp`, bench/fsdp_memory.py): the SmolLM2-135M learner step on 2 gloo ranks, replicated vs
 FSDP2: per rank, the float32 parameter, gradient and AdamW bytes held, the peak resident memory and the step time.
 
@@ -296,11 +297,14 @@ def _learner_setup(args: argparse.Namespace, log: PhaseLog):
     model = load_model(cfg.run.model, dtype=torch.float32, device="cpu")
     log.mark("model loaded (float32)", time.perf_counter() - start)
     state = build_state(model, cfg.learner)
+    if args.activation_checkpointing:
+        model.config.use_cache = False  # the learner's forward writes a KV cache, which a recomputed layer extends
     if args.selective_checkpointing:
         selective_checkpointing(model)
     if args.adamw != "default":
-        state.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
-                                            **{args.adamw: True} if args.adamw != "for-loop" else {"foreach": False})
+        choice = {args.adamw: True} if args.adamw != "for-loop" else {"foreach": False}
+        state.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr,
+                                            weight_decay=cfg.learner.weight_decay, **choice)
         state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
     return cfg, state
 
@@ -330,21 +334,24 @@ def selective_checkpointing(model: torch.nn.Module) -> None:
                                 context_fn=partial(create_selective_checkpoint_contexts, policy))
 
 
-def _learner_steps(args: argparse.Namespace, cfg, state, log: PhaseLog) -> list[tuple[float, float]]:
-    """(wall, CPU) seconds of each step, malloc_trim included; CPU time is the steadier one on a shared machine."""
+def _learner_steps(args: argparse.Namespace, cfg, state, log: PhaseLog) -> list[tuple[float, float, float]]:
+    """(wall, CPU, system CPU) seconds of each step, malloc_trim included; CPU time is the steadier one on a shared
+    machine, and page faults (fresh mappings) show up in the system share."""
     from learner.step import train_step
 
     vocab = state.model.get_output_embeddings().weight.shape[0]
     times = []
     for step in range(args.steps):
         batch = synthetic_learner_batch(cfg, vocab, seed=step)
-        start, cpu = time.perf_counter(), time.process_time()
+        start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         train_step(state, batch, cfg)
         del batch
         if args.malloc_trim:
             _malloc_trim()
-        times.append((time.perf_counter() - start, time.process_time() - cpu))
-        log.mark(f"train step {step + 1}" + (" (AdamW state created)" if step == 0 else ""), *times[-1])
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        times.append((time.perf_counter() - start, end.ru_utime - usage.ru_utime + end.ru_stime - usage.ru_stime,
+                      end.ru_stime - usage.ru_stime))
+        log.mark(f"train step {step + 1}" + (" (AdamW state created)" if step == 0 else ""), *times[-1][:2])
     return times
 
 
@@ -434,12 +441,14 @@ def learner_step_table(result: dict) -> list[str]:
              f"{result['adamw']}, malloc_trim {result['malloc_trim']}, sync_bucket_mb {result['sync_bucket_mb']}, "
              f"selective checkpointing {result['selective_checkpointing']}, activation checkpointing "
              f"{result['activation_checkpointing']}, env {result['env'] or '-'}, "
-             f"{result['threads']} thread(s):", "", "| phase | RSS after | peak within | wall s | CPU s |", "|---|---|---|---|---|"]
+             f"{result['threads']} thread(s):", "", "| phase | RSS after | peak within | wall s | CPU s |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['phase']} | {_gib(r['rss'])} | {_gib(r['peak'])} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} |"
               for r in result["rows"]]
     steps = result["step_s"][1:] or result["step_s"]
-    lines += ["", f"Step time (median of steps after the first): wall {statistics.median(t[0] for t in steps):.2f} s,"
-              f" CPU {statistics.median(t[1] for t in steps):.2f} s", "",
+    wall, cpu, system = (statistics.median(t[i] for t in steps) for i in range(3))
+    lines += ["", f"Step time (median of steps after the first): wall {wall:.2f} s, CPU {cpu:.2f} s "
+              f"(system {system:.2f} s)", "",
               f"Arithmetic ({p / 1e6:.1f} M parameters): weights {_gib(4 * p)}, gradients {_gib(4 * p)}, AdamW "
               f"moments {_gib(8 * p)}, one [B, R, V] float32 logits {_gib(result['logits_bytes'])}, weight staging "
               f"{_gib(result['staging_bytes'])}" + (f", tensors a step allocates (peak) "
