@@ -21,10 +21,13 @@ pytestmark = pytest.mark.integration
 
 
 @contextlib.contextmanager
-def buffer_thread(cfg, run_dir: Path):
+def buffer_thread(cfg, run_dir: Path, version: int = 0):
+    """A real buffer (loopback, free port, the task's held-out prompts) at policy `version`; yields the config."""
     cfg = with_overrides(cfg, buffer={"address": "tcp://127.0.0.1:0"})
     state = BufferState(cfg, load_prompt_records(cfg), now=time.monotonic(),
                         eval_prompts=load_eval_prompt_records(cfg))
+    if version:
+        state.report_version(version)
     server = BufferServer(cfg, state, run_dir=run_dir)
     endpoint = server.bind()
     stop = threading.Event()
@@ -119,3 +122,51 @@ def test_learner_greedy_responses_equal_the_hf_engines_greedy_responses():
     # three tokens.
     assert engine_side[1] == [37, 37, 0, 12] and samples[9].finish_reason == "stop"
     assert learner_side == engine_side
+
+
+def _stage(actor, version: int, weights: dict[str, torch.Tensor]) -> None:
+    """Put `weights` where the actor's WeightReceiver keeps a fully received version (as its receive thread does)."""
+    with actor.weights._cond:
+        actor.weights._latest = (version, weights)
+        actor.weights._cond.notify_all()
+
+
+def _evaluate_once(actor, run_dir: Path) -> dict:
+    """Lease and run evaluation leases until the buffer wrote the job's record."""
+    actor.client = actor._connect()
+    for _ in range(20):
+        grant = actor.client.lease(actor.actor_id, 8)
+        assert grant.eval_version >= 0, grant
+        actor._work_eval(grant)
+        if actor.client.stats()["eval_done"]:
+            (record,) = read_metrics(run_dir / "metrics.jsonl", "eval")
+            return record
+    raise AssertionError("the evaluation job did not finish")
+
+
+def test_an_evaluation_lease_never_swaps_in_newer_weights_but_brings_older_ones_up(tmp_path):
+    from actor.worker import Actor
+
+    cfg = _config(tmp_path, task={"eval_size": 4}, run={"eval_samples": 2, "eval_every": 1})
+    newer = perturbed_tiny_weights()
+    # Version 0's job, the engine at 0 and version 1 staged: evaluated with 0, version 1 stays staged.
+    with buffer_thread(cfg, tmp_path / "a") as served:
+        actor = Actor(served, 0, tmp_path / "a")
+        try:
+            _stage(actor, 1, newer)
+            record = _evaluate_once(actor, tmp_path / "a")
+            assert actor.engine.policy_version == 0
+            assert (record["eval/weights_version_min"], record["eval/weights_version_max"]) == (0, 0)
+            assert actor.weights.take_latest()[0] == 1
+        finally:
+            actor.close()
+    # A buffer at version 1 posts version 1's job: the engine at 0 takes the staged version 1 first.
+    with buffer_thread(cfg, tmp_path / "b", version=1) as served:
+        actor = Actor(served, 0, tmp_path / "b")
+        try:
+            _stage(actor, 1, newer)
+            record = _evaluate_once(actor, tmp_path / "b")
+            assert actor.engine.policy_version == 1
+            assert (record["step"], record["eval/weights_version_min"], record["eval/weights_version_max"]) == (1, 1, 1)
+        finally:
+            actor.close()
