@@ -12,7 +12,6 @@ Shutdown order: learner first (it checkpoints and asks the buffer for a snapshot
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,19 +32,6 @@ def _gpu_env(gpu_ids: tuple[int, ...]) -> dict[str, str]:
     return narrowed_env(gpu_ids) if gpu_ids else {}
 
 
-LEARNER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-"""glibc malloc settings of the learner (a variable already set in the environment is kept). A fixed mmap threshold
-maps every block of 128 KiB or more on its own and unmaps it when freed. glibc's default raises the threshold to
-32 MiB after the first large free, so a step's freed activations and logits stay in the heap: on cpu-demo the
-learner then held ~2.7 GB more between steps and peaked ~0.6 GB higher within one (bench/learner_memory.py)."""
-
-
-def _learner_env(cfg: Config) -> dict[str, str]:
-    env = _gpu_env(role_gpu_ids(cfg, "learner"))
-    env.update({key: value for key, value in LEARNER_MALLOC_ENV.items() if key not in os.environ})
-    return env
-
-
 class RoleFailed(RuntimeError):
     """A role that the run cannot go on without has died; the message names its log."""
 
@@ -62,7 +48,7 @@ class Supervisor:
         self.buffer = RoleProcess("buffer", "buffer.server", common, logs / "buffer.log")
         learner_args = common + (["--resume"] if cfg.run.resume else [])
         self.learner = RoleProcess("learner", "learner.train", learner_args, logs / "learner.log",
-                                   env=_learner_env(cfg))
+                                   env=_gpu_env(role_gpu_ids(cfg, "learner")))
         self.actors = [
             RoleProcess(f"actor{i}", "actor.worker", common + ["--actor-index", str(i)], logs / f"actor{i}.log",
                         env=_gpu_env(role_gpu_ids(cfg, "actor", i)))
