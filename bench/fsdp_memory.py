@@ -11,8 +11,10 @@ Per rank it reports: the peak resident memory of the steps (VmHWM, reset after t
 after the model is built, the bytes this rank holds of the float32 parameters, gradients and AdamW moments (its
 shards under FSDP2, counted from the tensors), and the median step time. Prints one Markdown table.
 
-Resident memory depends on glibc keeping freed memory: run it as the supervisor starts the learner
-(`MALLOC_MMAP_THRESHOLD_=131072`, common/supervisor.py), or the freed whole model and step buffers stay resident.
+Resident memory depends on glibc keeping freed memory: without a fixed mmap threshold the freed whole model and
+step buffers stay resident in both layouts, hiding the difference. Run it with `MALLOC_MMAP_THRESHOLD_=65536` to
+see what the tensors need (the learner itself trims its heap after each step instead: learner/train.py,
+`return_freed_heap`).
 """
 
 from __future__ import annotations

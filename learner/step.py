@@ -72,7 +72,10 @@ class ResponseLogits(nn.Module):
 
     def response_hidden(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor) -> Tensor:
         """The LM head's input [B, R, H]: HF base models (LlamaModel, Qwen2Model) apply the final norm."""
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # No KV cache: training never decodes, and a layer recomputed in backward (activation checkpointing) would
+        # append its keys to the cache a second time.
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
         return hidden.gather(1, logit_index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor,

@@ -242,3 +242,24 @@ def test_gpu_check_runs_its_fsdp_step_on_a_cpu():
                          env=dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1"), timeout=300)
     assert out.returncode == 0 and "SUMMARY fsdp_cpu_smoke: ok" in out.stdout, (out.stdout + out.stderr)[-2000:]
     assert "tokens_per_s=" in out.stdout
+
+
+@pytest.mark.unit
+def test_activation_checkpointing_works_with_left_padding_and_the_models_cache_setting():
+    """A Llama-architecture model whose config keeps `use_cache` on (SmolLM2's does): with padding in the attention
+    mask, a layer recomputed in backward must not find its own keys already in a KV cache (the training forward
+    builds none)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    assert config.use_cache
+    torch.manual_seed(0)
+    cfg = with_overrides(make_cfg(), learner={"activation_checkpointing": True})
+    state = build_state(transformers.LlamaForCausalLM(config), cfg.learner)
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding, as the learner packs prompts
+    index = torch.arange(5, 9).expand(2, -1)
+    state.policy(ids, mask, index).sum().backward()
+    assert all(p.grad is not None for p in state.model.model.layers[0].parameters())
