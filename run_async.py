@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.plan import check_model_or_exit, plan_lines
 
     if dry_run:
-        print("\n".join(["dry run: nothing is started", *plan_lines(cfg)]))
+        print("\n".join(["dry run: nothing is started", *plan_lines(cfg), *eval_suite_lines(cfg)]))
         return 0
     check_model_or_exit(cfg)  # a hub model downloads here, once, before any role starts
     cfg, run_dir = prepare_run_dir(cfg)
@@ -118,6 +118,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         display.stop()
     report = write_run_report(run_dir, display.console)
     return final_report(run_dir, cfg, outcome, display.console, report)
+
+
+def eval_suite_lines(cfg: Config) -> list[str]:
+    """The dry run's check of run.eval_suite: its benchmarks as the buffer will load them. One that cannot be read
+    is a warning, not an error: the suite data may be fetched after the plan is checked (the buffer refuses to
+    start without it, naming the benchmark)."""
+    run = cfg.run
+    if not run.eval_suite:
+        return []
+    from common.suites import SuiteError, describe_suite
+    from common.tasks import TaskError
+
+    head = (f"eval suite {run.eval_suite}: {run.eval_samples} samples + 1 greedy answer per prompt, "
+            f"{run.eval_suite_size or 'all'} prompts per benchmark")
+    try:
+        return [head, *(f"eval suite {line}" for line in describe_suite(run.eval_suite, run.eval_suite_size or None))]
+    except (SuiteError, TaskError) as exc:
+        return [head, f"warning: run.eval_suite: {exc} (the buffer will not start without it)"]
 
 
 def wait_for_evaluations(supervisor: Any, display: Any, stop_requested: list[bool]) -> None:

@@ -19,7 +19,9 @@ Held-out evaluation: a grant with `eval_version` V >= 0 is an evaluation lease. 
 engine, greedy items at temperature 0 (n = 1) and sampled items with the actor's sampling parameters, scored, and
 answered with one EvalSubmit each (correct, rewards, lengths, and the versions of the weights that generated
 them). For it the engine is brought up to V only if it is older (waiting for V like a training lease); it never
-swaps in a newer staged version first, and an engine already past V evaluates with what it has.
+swaps in a newer staged version first, and an engine already past V evaluates with what it has. An item of a
+benchmark suite (`WorkItem.benchmark`, run.eval_suite) is graded by the math scorer, as learner.evaluate_suite
+grades it, whatever task.scorer says; the task's rewards apply.
 """
 
 from __future__ import annotations
@@ -282,25 +284,28 @@ class Actor:
                              exc, exc_info=True)
                 incomplete.extend(item.prompt_id for item in items)
                 continue
-            scored, aborted = self._score_eval(prompts, samples)
+            scored, aborted = self._score_eval(items, prompts, samples)
             results.extend(scored)
             incomplete.extend(aborted)
         self._release(grant.lease_id, incomplete)
         self._submit_eval(grant.lease_id, results)
 
-    def _score_eval(self, prompts: list[Any], samples: list[list[Any]]) -> tuple[list[Any], list[str]]:
+    def _score_eval(self, items: list[Any], prompts: list[Any],
+                    samples: list[list[Any]]) -> tuple[list[Any], list[str]]:
         """(EvalResults, item ids with an aborted sample). Lengths leave out the final stop token, as
-        learner/evaluate.py counts them."""
+        learner/evaluate.py counts them. Suite items are graded by the math scorer."""
         from common.schemas import EvalResult
         from common.tasks import score_response
 
         results, aborted = [], []
-        for prompt, group in zip(prompts, samples):
+        suite_task = replace(self.cfg.task, scorer="math")
+        for item, prompt, group in zip(items, prompts, samples):
             if any(s.finish_reason == "abort" for s in group):
                 aborted.append(prompt.prompt_id)
                 continue
-            scores = [score_response(prompt, self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
-                                     self.cfg.task) for s in group]
+            task = suite_task if item.benchmark else self.cfg.task
+            scores = [score_response(prompt, self.tokenizer.decode(s.token_ids, skip_special_tokens=True), task)
+                      for s in group]
             versions = [int(v) for s in group for v in (s.versions.min(), s.versions.max()) if len(s.versions)]
             versions = versions or [self.engine.policy_version]
             results.append(EvalResult(item_id=prompt.prompt_id, correct=[ok for _, ok in scores],

@@ -9,12 +9,21 @@ sequences granted since the job was posted (or whenever there is no training wor
 evaluation lease puts its items back. A job is finished when every item has a result; `aggregate` turns the results
 into one `eval/*` record, which the server writes to metrics.jsonl with role `eval` and step V.
 
+With run.eval_suite the items are the suite's benchmarks (common/suites.py; the first run.eval_suite_size prompts
+of each) instead of the task's held-out split, loaded when the jobs are built (a benchmark that cannot be read
+stops the buffer's start with an error naming it). Each item carries its benchmark (`WorkItem.benchmark`) so the
+actor grades it with the math scorer; the buffer keeps its own item -> benchmark table, so a result's benchmark
+is the one of an item id checked against the lease. The record then also holds `eval/<benchmark>/avg@k`,
+`eval/<benchmark>/pass@k` and greedy `eval/<benchmark>/pass@1`, and their unweighted means `eval/suite/*`,
+computed by common.suites' benchmark_metrics / suite_average as learner.evaluate_suite computes them offline.
+
 The snapshot keeps the finished versions (a restored buffer never repeats one) and the pending ones (they start
 over: results in flight at snapshot time are lost with their leases).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +32,7 @@ from typing import Any, Iterable
 import msgspec
 
 from common.schemas import EvalResult, WorkItem
+from common.suites import benchmark_metrics, load_suite_benchmarks, suite_average
 
 MODES = ("greedy", "sampled")
 
@@ -51,6 +61,8 @@ class EvalPrompt:
     question: str
     answer: str
     metadata_json: str = "{}"
+    benchmark: str = ""
+    """The suite benchmark it belongs to ('' for the task's held-out split)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class ItemOutcome:
     rewards: tuple[float, ...]
     lengths: tuple[int, ...]
     versions: tuple[int, int]  # (min, max) of the weights that generated it
+    benchmark: str = ""  # '' outside a suite
 
 
 @dataclass
@@ -86,11 +99,36 @@ def item_id(mode: str, prompt_id: str) -> str:
     return f"eval:{mode}:{prompt_id}"
 
 
+def suite_prompts(suite: str, size: int) -> list[EvalPrompt]:
+    """The evaluation prompts of run.eval_suite, `size` per benchmark (0: all), tagged with their benchmark; ids
+    `<benchmark>:<prompt id>` (unique even when two benchmarks read the same dataset)."""
+    loaded = load_suite_benchmarks(suite, size or None)
+    return [EvalPrompt(f"{name}:{p.prompt_id}", p.question, p.answer, json.dumps(p.metadata), benchmark=name)
+            for name, data in loaded.items() for p in data.prompts]
+
+
+def suite_metrics(outcomes: list[ItemOutcome], k: int) -> dict[str, float]:
+    """Per benchmark `eval/<b>/avg@k`, `eval/<b>/pass@k` (sampled items, common.suites.benchmark_metrics) and
+    `eval/<b>/pass@1` (greedy items correct / greedy items), and `eval/suite/*`, their unweighted means."""
+    per: dict[str, dict[str, float]] = {}
+    for bench in dict.fromkeys(o.benchmark for o in outcomes if o.benchmark):
+        mine = [o for o in outcomes if o.benchmark == bench]
+        sampled = [list(o.correct) for o in mine if not o.greedy]
+        greedy = [o.correct[0] for o in mine if o.greedy]
+        per[bench] = benchmark_metrics(sampled, k) if sampled else {}
+        if greedy:
+            per[bench]["pass@1"] = sum(greedy) / len(greedy)
+    record = {f"eval/{bench}/{key}": value for bench, metrics in per.items() for key, value in metrics.items()}
+    record.update({f"eval/suite/{key}": value for key, value in suite_average(per).items()})
+    return record
+
+
 def aggregate(outcomes: Iterable[ItemOutcome], k: int, version: int, seconds: float) -> dict[str, float]:
     """The `eval/*` record of a finished job (key names as the learner's former evaluation wrote them).
 
     pass@1: greedy items correct / greedy items; pass@k: sampled items with any correct sample / sampled items;
-    mean_reward@k: mean reward over every sampled response; response_tokens/mean: mean greedy response length."""
+    mean_reward@k: mean reward over every sampled response; response_tokens/mean: mean greedy response length.
+    Items of a suite add the per-benchmark and suite keys of `suite_metrics`."""
     outcomes = list(outcomes)
     greedy = [o for o in outcomes if o.greedy]
     sampled = [o for o in outcomes if not o.greedy]
@@ -106,6 +144,7 @@ def aggregate(outcomes: Iterable[ItemOutcome], k: int, version: int, seconds: fl
         "eval/weights_version_min": min((o.versions[0] for o in outcomes), default=-1),
         "eval/weights_version_max": max((o.versions[1] for o in outcomes), default=-1),
         "eval/learner_step": version,
+        **suite_metrics(outcomes, k),
     }
 
 
@@ -113,8 +152,13 @@ class EvalJobs:
     """Evaluation jobs, their leases and results. Time (`now`, monotonic seconds) is passed in."""
 
     def __init__(self, cfg: Any, prompts: Iterable[Any] = ()):
+        """`prompts`: the task's held-out prompts; with run.eval_suite the suite's prompts replace them."""
         self.cfg = cfg
+        if cfg.run.eval_suite:
+            prompts = suite_prompts(cfg.run.eval_suite, cfg.run.eval_suite_size)
         self.prompts: dict[str, Any] = {p.prompt_id: p for p in prompts}
+        self.benchmark_of: dict[str, str] = {pid: p.benchmark for pid, p in self.prompts.items()
+                                             if isinstance(p, EvalPrompt) and p.benchmark}
         self.items: dict[str, tuple[Any, bool]] = {}  # item id -> (prompt, greedy)
         for mode in MODES:
             for pid, p in self.prompts.items():
@@ -193,8 +237,9 @@ class EvalJobs:
 
     def _work_item(self, iid: str) -> WorkItem:
         prompt, greedy = self.items[iid]
-        return WorkItem(prompt_id=iid, prompt=prompt.question, n=self._n(iid),
-                        answer=prompt.answer, metadata_json=prompt.metadata_json, greedy=greedy)
+        return WorkItem(prompt_id=iid, prompt=prompt.question, n=self._n(iid), answer=prompt.answer,
+                        metadata_json=prompt.metadata_json, greedy=greedy,
+                        benchmark=self.benchmark_of.get(prompt.prompt_id, ""))
 
     def owns(self, lease_id: int) -> bool:
         return lease_id in self.leases
@@ -271,7 +316,7 @@ class EvalJobs:
             raise EvalRejection("invalid_versions", f"result.weights_version_min/max: need min <= max <= "
                                                     f"{max_version}, got {lo}, {hi}")
         return lease, ItemOutcome(greedy, tuple(result.correct), tuple(result.rewards), tuple(result.lengths),
-                                  (lo, hi))
+                                  (lo, hi), self.benchmark_of.get(self.items[iid][0].prompt_id, ""))
 
     def take_records(self) -> list[tuple[int, dict[str, float]]]:
         records, self.records = self.records, []

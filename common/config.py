@@ -39,6 +39,15 @@ def _check(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+def _check_suite(name: str) -> None:
+    """run.eval_suite: '' or a built-in suite, or a .json suite file (read, and checked, where it is loaded)."""
+    if not name or name.endswith(".json"):
+        return
+    from common.suites import SUITES  # lazy: common.suites reads common.tasks, which reads this module
+
+    _check(name in SUITES, "run.eval_suite", f"unknown suite {name!r}; known: {sorted(SUITES)} or a .json suite file")
+
+
 def _check_gpu_ids(gpus: tuple[int, ...], field_name: str) -> None:
     _check(all(0 <= g < 1024 for g in gpus), field_name, f"GPU ids must be in [0, 1024), got {list(gpus)}")
     _check(len(set(gpus)) == len(gpus), field_name, f"GPU ids must not repeat, got {list(gpus)}")
@@ -480,7 +489,13 @@ class RunConfig:
     eval_every: int = 10
     """Versions between held-out evaluations, which the buffer hands to the actors (0: only at start and end)."""
     eval_samples: int = 4
-    """Samples per eval prompt for pass@k (pass@1 uses greedy decoding)."""
+    """Samples per eval prompt for pass@k (pass@1 uses greedy decoding); with eval_suite, the suite's k (avg@k,
+    pass@k)."""
+    eval_suite: str = ""
+    """'' evaluates the task's held-out split; a suite name of common/suites.py (`math6`) or a suite JSON file
+    evaluates its benchmarks instead, each item graded by the math scorer, with per-benchmark avg@k / pass@k."""
+    eval_suite_size: int = 0
+    """With eval_suite: prompts per benchmark, the first N of each (as learner.evaluate_suite --limit); 0 = all."""
     eval_share: float = 0.5
     """While a held-out evaluation is pending, the most it takes of the sequences the buffer grants (in (0, 1]):
     an evaluation lease goes out while evaluation sequences <= eval_share x all sequences granted since the
@@ -497,6 +512,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
         _check(self.eval_samples >= 1, "run.eval_samples", "must be >= 1")
+        _check_suite(self.eval_suite)
+        _check(self.eval_suite_size >= 0, "run.eval_suite_size", f"must be >= 0, got {self.eval_suite_size}")
         _check(0.0 < self.eval_share <= 1.0, "run.eval_share", "must be in (0, 1]")
         _check(self.eval_timeout_s >= 0.0, "run.eval_timeout_s", "must be >= 0")
         _check("/" not in self.name, "run.name", "must not contain '/'")
@@ -584,7 +601,7 @@ PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer wit
 def _paper(model: str, micro_batch_tokens: int) -> Config:
     """The paper's training recipe on one 8-GPU node (see `_paper_1_5b` for what each setting is and why)."""
     return Config(
-        run=RunConfig(model=model, eval_every=20, eval_samples=4),
+        run=RunConfig(model=model, eval_every=20, eval_samples=32, eval_suite="math6", eval_suite_size=64),
         algo=AlgorithmConfig(allocation_mode="reference", n_mean=16, n_min=8, n_max=24, initial_budget=8,
                              modulation=True, clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=10.0,
                              kl_coef=0.0, entropy_coef=0.0, loss_aggregation="token-mean", max_staleness=0),
@@ -616,8 +633,10 @@ def _paper_1_5b() -> Config:
       1024 tokens for the prompt (DAPO problems are far shorter).
     - max_staleness 0 (synchronous, like the released script's trainer); raise it for asynchronous training.
     - total_steps 300 (about 9 passes over DAPO-Math-17k); initial_budget 8 (= n_min).
-    - In-training evaluation: 128 problems of MATH-500 (`HuggingFaceH4/MATH-500`, test), 4 samples each, every 20
-      steps, as a monitor only; the benchmark table is measured separately on saved checkpoints.
+    - In-training evaluation: the math6 suite on the actors every 20 steps, 32 samples per problem at the actors'
+      temperature (avg@32 and pass@32 per benchmark and averaged, the paper's table) plus one greedy answer, on
+      the first 64 problems of each benchmark (all of AIME24/25 and AMC23, 292 problems, ~9.6k sequences per
+      evaluation, about one training step's generation); the full table is `learner.evaluate_suite` on a checkpoint.
     - Importance correction: truncate at 2 (this system's default; the script does not correct for staleness).
     - Layout of one 8-GPU node: learner on GPUs 0-3 (data-parallel under torchrun; one process on GPU 0 when
       started by run_async.py), four SGLang engines (tp 1) on GPUs 4-7; bf16 autocast over float32 weights, loss

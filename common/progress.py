@@ -415,6 +415,12 @@ def final_report(run_dir: Path, cfg: Config, outcome: str, console: Console, rep
             f"held-out pass@1: {first['eval/pass@1']:.3f} (step {first['step']}) -> "
             f"{last['eval/pass@1']:.3f} (step {last['step']}); pass@{k}: "
             f"{first.get(f'eval/pass@{k}', float('nan')):.3f} -> {last.get(f'eval/pass@{k}', float('nan')):.3f}")
+        if f"eval/suite/avg@{k}" in last:
+            nan = float("nan")
+            console.print(
+                f"suite {cfg.run.eval_suite} (mean over benchmarks) avg@{k}: "
+                f"{first.get(f'eval/suite/avg@{k}', nan):.3f} -> {last[f'eval/suite/avg@{k}']:.3f}; pass@{k}: "
+                f"{first.get(f'eval/suite/pass@{k}', nan):.3f} -> {last.get(f'eval/suite/pass@{k}', nan):.3f}")
     if report is not None:
         console.print(f"report: {report}")
     console.print(f"metrics: {run_dir / 'metrics.jsonl'} | wandb (offline): wandb sync {run_dir / 'wandb'}")

@@ -195,6 +195,15 @@ def pass_at_k_key(evals: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def suite_avg_key(evals: list[dict[str, Any]]) -> str | None:
+    """The eval/suite/avg@k key of a run that evaluated a benchmark suite (run.eval_suite), if any."""
+    for rec in evals:
+        for key in rec:
+            if re.fullmatch(r"eval/suite/avg@\d+", key):
+                return key
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- drawing
 
 
@@ -260,6 +269,10 @@ def _plot_quality(ax, data: RunData, against: str) -> None:
              ("eval/pass@1", "held-out pass@1 (greedy)", "tab:red", "o-", data.evals)]
     if k_key:
         lines.append((k_key, f"held-out {k_key.split('/')[1]} (sampled)", "tab:orange", "s--", data.evals))
+    suite_key = suite_avg_key(data.evals)
+    if suite_key:
+        lines.append((suite_key, f"suite {suite_key.split('/')[2]} (mean over benchmarks)", "tab:green", "d-.",
+                      data.evals))
     drawn = 0
     for key, label, color, style, records in lines:
         x, y = series(records, key)

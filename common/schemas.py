@@ -108,6 +108,9 @@ class WorkItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metadata_json: str = "{}"
     greedy: bool = False
     """Evaluation leases only: decode greedily (temperature 0, n = 1) instead of with the actor's sampling."""
+    benchmark: Name = ""
+    """Evaluation leases of a suite (run.eval_suite) only: the item's benchmark; such items are graded by the math
+    scorer whatever task.scorer says."""
 
 
 class EvalResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

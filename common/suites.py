@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -109,6 +110,9 @@ def _benchmark_from_json(entry: Any, index: int, path: Path) -> Benchmark:
     for key in ("name", "dataset", "split", "question", "answer"):
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             raise SuiteError(f"{where}: {key!r} is missing or not a non-empty string")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", entry["name"]):
+        raise SuiteError(f"{where}: name {entry['name']!r}: 1-64 letters, digits, '_', '.' or '-' (it names the "
+                         f"benchmark's metrics, eval/<name>/...)")
     answer_format = entry.get("answer_format", "raw")
     if answer_format not in ANSWER_FORMATS:
         raise SuiteError(f"{where}: answer_format {answer_format!r}: choose from {ANSWER_FORMATS}")
@@ -120,14 +124,30 @@ def _benchmark_from_json(entry: Any, index: int, path: Path) -> Benchmark:
 
 
 def load_benchmark(benchmark: Benchmark, limit: int | None = None) -> HfLoad:
-    """The benchmark's prompts (ids `f"{name}-{index}"`), the first `limit` of them when given; TaskError names a
-    missing column or a split that is not there."""
+    """The benchmark's prompts (ids `f"{dataset stem}-eval-{index}"`), the first `limit` of them when given;
+    TaskError names a missing column or a split that is not there."""
     try:
         loaded = read_hf_prompts(benchmark.dataset, benchmark.split, benchmark.fields, "eval")
     except TaskError as exc:
         raise TaskError(f"benchmark {benchmark.name}: {exc}") from None
     prompts = loaded.prompts[:limit] if limit is not None else loaded.prompts
     return HfLoad(loaded.name, loaded.split, loaded.rows, prompts, loaded.skipped)
+
+
+def load_suite_benchmarks(name_or_path: str, limit: int | None = None) -> dict[str, HfLoad]:
+    """Every benchmark of a suite, loaded (benchmark name -> its prompts, the first `limit` of each when given), as
+    run.eval_suite evaluates them during a run; SuiteError / TaskError name the suite file or the benchmark."""
+    suite = load_suite(name_or_path)
+    return {benchmark.name: load_benchmark(benchmark, limit) for benchmark in suite.benchmarks}
+
+
+def describe_suite(name_or_path: str, limit: int | None = None) -> list[str]:
+    """One line per benchmark of a suite, read as a run evaluates it (SuiteError / TaskError name what is wrong)."""
+    lines = []
+    for name, data in load_suite_benchmarks(name_or_path, limit).items():
+        skipped = f", {len(data.skipped)} unusable rows" if data.skipped else ""
+        lines.append(f"{name}: {data.name} [{data.split}], {len(data.prompts)} prompts of {data.rows}{skipped}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- metrics
