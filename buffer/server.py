@@ -97,8 +97,9 @@ class _Parked:
 
 
 def load_eval_prompt_records(cfg: Config) -> list[PromptRecord]:
-    """The held-out prompts the buffer's evaluation jobs use (none when task.eval_size is 0)."""
-    if cfg.task.eval_size <= 0:
+    """The held-out prompts the buffer's evaluation jobs use (none when task.eval_size is 0, or when run.eval_suite
+    evaluates a benchmark suite instead)."""
+    if cfg.task.eval_size <= 0 or cfg.run.eval_suite:
         return []
     from common.tasks import load_prompts
 

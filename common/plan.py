@@ -8,6 +8,8 @@ describes what would run: roles, engines and GPUs, steps and batch. Nothing is s
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import TYPE_CHECKING
 
 from common.config import Config, ConfigError
@@ -32,9 +34,13 @@ def plan_lines(cfg: Config) -> list[str]:
 
     info = check_model_or_exit(cfg)
     try:
-        data = describe_task(cfg.task)
+        # With run.eval_suite the suite replaces the held-out split (run_async.py lists its benchmarks).
+        data = describe_task(dataclasses.replace(cfg.task, eval_size=0) if cfg.run.eval_suite else cfg.task)
     except TaskError as exc:
         raise SystemExit(f"error: task: {exc}") from None
+    if cfg.run.eval_suite:
+        data = [f"eval: the {cfg.run.eval_suite} suite (below), not the task's held-out split" if line.startswith(
+            "eval:") else line for line in data]
     algo, task, actor, learner = cfg.algo, cfg.task, cfg.actor, cfg.learner
     lines = [info.describe()]
     if info.context is not None and actor.max_new_tokens >= info.context:

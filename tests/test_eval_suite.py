@@ -282,3 +282,13 @@ def test_a_suite_file_benchmark_name_must_fit_a_metric_key(tmp_path):
                                                     "answer": "a"}]}))
         with pytest.raises(SuiteError, match="benchmark 0: name"):
             load_suite(str(path))
+
+
+@pytest.mark.unit
+def test_with_a_suite_the_buffer_does_not_load_the_tasks_held_out_split():
+    from buffer.server import load_eval_prompt_records
+    from common.config import PRESETS
+
+    cfg = PRESETS["tiny"]()
+    assert len(load_eval_prompt_records(cfg)) == cfg.task.eval_size  # the held-out split without a suite
+    assert load_eval_prompt_records(with_overrides(cfg, run={"eval_suite": "math6"})) == []

@@ -53,7 +53,10 @@ def test_dry_run_checks_model_and_data_prints_the_plan_and_starts_nothing(tmp_pa
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("dry run: nothing is started\nmodel tiny: llama")
-    assert "data train: 6 prompts" in out and "data eval: 3 prompts" in out
+    assert "data train: 6 prompts" in out
+    # the preset evaluates the math6 suite (offline here: a warning), not the task's held-out split
+    assert "data eval: the math6 suite (below), not the task's held-out split" in out
+    assert "eval suite math6: 32 samples + 1 greedy answer per prompt, 64 prompts per benchmark" in out
     assert "reward 1 correct / -1 wrong" in out
     assert "actor 3: sglang engine launched, tp 1, GPUs [7], weight-sync rank 4" in out
     assert "steps: 300 x 512 prompts" in out and "16 optimizer mini-batch(es)" in out
