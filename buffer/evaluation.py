@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import msgspec
 
+from buffer.rejection import Rejection
 from common.schemas import EvalResult, WorkItem
 from common.suites import benchmark_metrics, load_suite_benchmarks, suite_average
 
@@ -42,15 +43,6 @@ class EvalSnapshot(msgspec.Struct, kw_only=True):
 
     finished: list[int] = msgspec.field(default_factory=list)
     pending: list[int] = msgspec.field(default_factory=list)
-
-
-class EvalRejection(ValueError):
-    """A result or release the evaluation refuses; `code` is short, the message names the field."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -272,10 +264,10 @@ class EvalJobs:
     # ------------------------------------------------------------------------------------------ results
 
     def submit(self, lease_id: int, result: EvalResult, max_version: int, now: float) -> None:
-        """Record one item's result (EvalRejection naming the field, counted, if it is refused)."""
+        """Record one item's result (Rejection naming the field, counted, if it is refused)."""
         try:
             lease, outcome = self._check(lease_id, result, max_version)
-        except EvalRejection as rej:
+        except Rejection as rej:
             self.rejected[rej.code] = self.rejected.get(rej.code, 0) + 1
             raise
         lease.open.pop(result.item_id, None)
@@ -292,28 +284,28 @@ class EvalJobs:
     def _check(self, lease_id: int, result: EvalResult, max_version: int) -> tuple[EvalLease, ItemOutcome]:
         lease = self.leases.get(lease_id)
         if lease is None:
-            raise EvalRejection("unknown_lease", f"lease_id: {lease_id} is not a live evaluation lease")
+            raise Rejection("unknown_lease", f"lease_id: {lease_id} is not a live evaluation lease")
         iid = result.item_id
         if iid not in lease.open:
             job = self.jobs.get(lease.version)
             if iid in self.items and job is not None and iid in job.results:
-                raise EvalRejection("duplicate", f"result.item_id: {iid!r} of lease {lease_id} already has a result")
-            raise EvalRejection("item_not_in_lease", f"result.item_id: {iid!r} is not open in lease {lease_id}")
+                raise Rejection("duplicate", f"result.item_id: {iid!r} of lease {lease_id} already has a result")
+            raise Rejection("item_not_in_lease", f"result.item_id: {iid!r} is not open in lease {lease_id}")
         greedy = self.items[iid][1]
         n = self._n(iid)
         for name in ("correct", "rewards", "lengths"):
             if len(getattr(result, name)) != n:
-                raise EvalRejection("wrong_n", f"result.{name}: has {len(getattr(result, name))} entries, the item "
+                raise Rejection("wrong_n", f"result.{name}: has {len(getattr(result, name))} entries, the item "
                                                f"asked for {n}")
         if not all(math.isfinite(r) for r in result.rewards):
-            raise EvalRejection("invalid_rewards", "result.rewards: not finite")
+            raise Rejection("invalid_rewards", "result.rewards: not finite")
         limit = self.cfg.actor.max_new_tokens
         if not all(0 <= n_tok <= limit for n_tok in result.lengths):
-            raise EvalRejection("invalid_lengths", f"result.lengths: must be in [0, {limit}] "
+            raise Rejection("invalid_lengths", f"result.lengths: must be in [0, {limit}] "
                                                    f"(actor.max_new_tokens), got {list(result.lengths)}")
         lo, hi = result.weights_version_min, result.weights_version_max
         if not lo <= hi <= max_version:
-            raise EvalRejection("invalid_versions", f"result.weights_version_min/max: need min <= max <= "
+            raise Rejection("invalid_versions", f"result.weights_version_min/max: need min <= max <= "
                                                     f"{max_version}, got {lo}, {hi}")
         return lease, ItemOutcome(greedy, tuple(result.correct), tuple(result.rewards), tuple(result.lengths),
                                   (lo, hi), self.benchmark_of.get(self.items[iid][0].prompt_id, ""))

@@ -49,7 +49,8 @@ from typing import Any, Iterable
 import msgspec
 import numpy as np
 from buffer import skipping
-from buffer.evaluation import EvalJobs, EvalRejection, EvalSnapshot
+from buffer.evaluation import EvalJobs, EvalSnapshot
+from buffer.rejection import Rejection
 from buffer.skipping import SkipController
 from common.config import Config, config_from_dict, config_to_dict
 from common.schemas import (
@@ -83,15 +84,6 @@ ALLOCATION_HISTORY = 16
 """Recent allocations remembered per prompt (for inspection)."""
 RETIRED_LEASES_KEPT = 16384
 """Finished/expired lease ids remembered so that late or duplicate submissions get a precise rejection."""
-
-
-class Rejection(Exception):
-    """A request the buffer refuses; `code` is short and machine-readable, the message names the field."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -346,11 +338,8 @@ class BufferState:
     def submit_eval(self, lease_id: int, result: EvalResult, now: float) -> SubmitAck:
         """One evaluation item's result; Rejection (counted under eval_results_rejected) if refused."""
         self.expire_leases(now)
-        try:
-            # Weights one version ahead of the buffer's are legitimate (broadcast before the report).
-            self.evals.submit(lease_id, result, self.policy_version + 1, now)
-        except EvalRejection as rej:
-            raise Rejection(rej.code, rej.message) from None
+        # Weights one version ahead of the buffer's are legitimate (broadcast before the report).
+        self.evals.submit(lease_id, result, self.policy_version + 1, now)
         return SubmitAck(accepted=True, queued=False, note="evaluation")
 
     def submit(self, lease_id: int, group: Group, now: float) -> SubmitAck:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.distributed as dist
 
-from learner_throughput import build_model, random_batch
+from learner_throughput import build_model, random_batch, timed_steps
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,7 +56,7 @@ def init_one_rank(device: torch.device) -> None:
 def main() -> None:
     args = parse_args()
     from common.config import PRESETS, with_overrides
-    from learner.step import build_state, train_step
+    from learner.step import build_state
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -72,20 +71,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     state = build_state(model, cfg.learner, sharded=True)
     assert state.model.get_output_embeddings().weight is state.model.get_input_embeddings().weight  # still tied
-    batch = random_batch(args, model.config.vocab_size)
-    train_step(state, batch, cfg)  # warm-up: allocator, kernels
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    last = {}
-    for _ in range(args.steps):
-        last = train_step(state, batch, cfg)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    tokens = args.steps * args.groups * args.group_size * (args.prompt_tokens + args.response_tokens)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else last["perf/peak_memory_mb"]
+    tokens, elapsed, peak, last = timed_steps(state, random_batch(args, model.config.vocab_size), cfg, args, device)
     print(f"fsdp_throughput size={args.size} params={params / 1e6:.0f}M device={device} dtype={args.dtype} "
           f"activation_checkpointing={args.activation_checkpointing} cpu_offload={args.cpu_offload} tokens_per_step={tokens // args.steps} "
           f"step_s={elapsed / args.steps:.3f} tokens_per_s={tokens / elapsed:.0f} peak_memory_mb={peak:.0f} "

@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from common.config import PRESETS, with_overrides
-    from learner.step import build_state, train_step
+    from learner.step import build_state
 
     device = torch.device(args.device)
     learner = {"dtype": args.dtype, "lr": 1e-6, "groups_per_step": args.groups,
@@ -76,8 +76,17 @@ def main() -> None:
     model = build_model(args.size, device)
     params = sum(p.numel() for p in model.parameters())
     state = build_state(model, cfg.learner)
-    batch = random_batch(args, model.config.vocab_size)
-    train_step(state, batch, cfg)  # warm-up: allocator, kernels
+    tokens, elapsed, peak, _ = timed_steps(state, random_batch(args, model.config.vocab_size), cfg, args, device)
+    print(f"learner_throughput size={args.size} params={params / 1e6:.0f}M device={device} dtype={args.dtype} "
+          f"tokens_per_step={tokens // args.steps} step_s={elapsed / args.steps:.3f} "
+          f"tokens_per_s={tokens / elapsed:.0f} peak_memory_mb={peak:.0f}", flush=True)
+
+
+def timed_steps(state, batch, cfg, args: argparse.Namespace, device: torch.device) -> tuple[int, float, float, dict]:
+    """One warm-up step (allocator, kernels), then args.steps timed ones: (tokens, seconds, peak MiB, last metrics)."""
+    from learner.step import train_step
+
+    train_step(state, batch, cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -90,9 +99,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     tokens = args.steps * args.groups * args.group_size * (args.prompt_tokens + args.response_tokens)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else last["perf/peak_memory_mb"]
-    print(f"learner_throughput size={args.size} params={params / 1e6:.0f}M device={device} dtype={args.dtype} "
-          f"tokens_per_step={tokens // args.steps} step_s={elapsed / args.steps:.3f} "
-          f"tokens_per_s={tokens / elapsed:.0f} peak_memory_mb={peak:.0f}", flush=True)
+    return tokens, elapsed, peak, last
 
 
 if __name__ == "__main__":
