@@ -4,6 +4,7 @@ prompt skipping (docs/ALGORITHM.md §8), several seeds each.
     python bench/prompt_yield.py --preset cpu-demo --seeds 0 1 2 --steps 20 --runs-dir runs/yield
     python bench/prompt_yield.py --preset tiny --seeds 0 1 2 --task spread          # 12 short runs
     python bench/prompt_yield.py --runs-dir runs/yield --arms dynamo dynamo-skip --extra --learner.threads 1
+    python bench/prompt_yield.py --simulate --pool 32 256 --seeds 0 1 2    # the buffer alone, seconds
 
 Each run is `run_async.py` as a child process (bench/_runs.py: one log per run, completed runs are reused). Every
 arm gets the same preset, learner steps and thread split. `--task spread` replaces the preset's task with
@@ -20,6 +21,12 @@ Per run, from the final buffer snapshot's counters and the actors' lease records
 - generation seconds per learner step: the actors' busy generation time (tokens / tokens-per-second of each lease
   record, summed over actors) divided by the learner steps;
 - final pass@1: the last held-out evaluation (greedy) of the run.
+
+`--simulate` runs the buffer's own leasing (`buffer.state.BufferState`, the arm's allocation and skipping flags)
+without a model: a pool of `--pool` prompts whose success probabilities are fixed per prompt (40% never solved,
+20% always solved, 40% uniform in [0.1, 0.9], drawn from the seed), rewards drawn per sample, every group submitted
+at once, `--groups` groups per run. It isolates prompt selection from learning: the difficulties do not change as
+they would while a model trains, and nothing is asynchronous.
 
 The summary gives mean ± std over seeds per arm and, per skipping arm, the ratio of its samples per informative
 group to its arm without skipping (`--baseline` for the reference; default `dynamo`, the default run's arm).
@@ -126,6 +133,60 @@ def report(runs: dict[str, list[dict[str, float]]], baseline: str) -> str:
     return "\n".join(lines)
 
 
+SIM_FLAGS: dict[str, dict[str, Any]] = {
+    "grpo": {"allocation_mode": "uniform", "prompt_skipping": False},
+    "grpo-skip": {"allocation_mode": "uniform", "prompt_skipping": True},
+    "dynamo": {"allocation_mode": "reference", "prompt_skipping": False},
+    "dynamo-skip": {"allocation_mode": "reference", "prompt_skipping": True},
+}
+
+
+def simulate(arm: str, pool: int, groups: int, seed: int, preset: str = "cpu-demo") -> dict[str, float]:
+    """Yield of the buffer's leasing alone on a pool of fixed-difficulty prompts (see the module docstring)."""
+    import random
+
+    from buffer.state import BufferState, PromptRecord
+    from common.config import PRESETS, with_overrides
+    from common.schemas import Group, make_sample
+
+    rng = random.Random(seed)
+    success = []
+    for _ in range(pool):
+        u = rng.random()
+        success.append(0.0 if u < 0.4 else 1.0 if u < 0.6 else rng.uniform(0.1, 0.9))
+    cfg = with_overrides(PRESETS[preset](), algo={**SIM_FLAGS[arm], "max_staleness": 10**6},
+                         buffer={"max_queued_groups": 10**6, "seed": seed})
+    state = BufferState(cfg, [PromptRecord(f"p{i}", f"question {i}", "0") for i in range(pool)])
+    generated = informative = samples = 0
+    while generated < groups:
+        grant = state.lease("sim", cfg.actor.prompts_per_lease, now=0.0)
+        for item in grant.items:
+            p = success[int(item.prompt_id[1:])]
+            correct = [rng.random() < p for _ in range(item.n)]
+            group = Group(prompt_id=item.prompt_id, prompt_tokens=b"\x01\x00\x00\x00", samples=[
+                make_sample([1], [-0.5], [0], reward=float(c), correct=c, finish_reason="stop") for c in correct])
+            state.submit(grant.lease_id, group, now=0.0)
+            generated += 1
+            samples += item.n
+            informative += 0 < sum(correct) < len(correct)
+        state.queue.clear()  # the learner takes everything at once
+    return {"yield": informative / generated, "samples_per_informative_group": samples / max(informative, 1),
+            "prompts_skipped": state.counters.prompts_skipped,
+            "mixed_prompts": sum(0 < p < 1 for p in success) / pool}
+
+
+def simulation_report(args: argparse.Namespace) -> str:
+    lines = ["| pool | arm | seeds | informative yield | samples / informative group | prompts skipped | "
+             "prompts with 0 < p < 1 |", "|---|---|---|---|---|---|---|"]
+    for pool in args.pool:
+        for arm in args.arms:
+            rows = [simulate(arm, pool, args.groups, seed, args.preset) for seed in args.seeds]
+            lines.append(f"| {pool} | {ARMS[arm][0]} | {len(rows)} | " + " | ".join(
+                fmt_ms([r[k] for r in rows], d) for k, d in (("yield", 3), ("samples_per_informative_group", 1),
+                                                             ("prompts_skipped", 0), ("mixed_prompts", 2))) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +200,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", type=Path, default=None, help="where the runs go (default: a temp dir)")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per run")
+    parser.add_argument("--simulate", action="store_true", help="the buffer's leasing alone, no model (seconds)")
+    parser.add_argument("--pool", type=int, nargs="+", default=[32, 256], help="--simulate: prompts in the pool")
+    parser.add_argument("--groups", type=int, default=1200, help="--simulate: generated groups per run")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="flags passed to every run (last, so they override)")
     return parser.parse_args(argv)
@@ -146,6 +210,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.simulate:
+        print(simulation_report(args))
+        return 0
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="prompt_yield_"))
     actor_t, learner_t = split_threads(args.cores)
     task = SPREAD_TASK if args.task == "spread" else ()

@@ -63,3 +63,14 @@ def test_report_compares_a_skipping_arm_with_its_plain_arm():
     text = py.report({"dynamo": plain, "dynamo-skip": skip}, baseline="dynamo")
     assert "| DynaMO + skipping | 1 | 0.500 | 16.0 |" in text
     assert "16.0 = 0.50x DynaMO's 32.0" in text  # 16 / 32
+
+
+def test_simulation_skipping_raises_the_yield_of_a_fixed_difficulty_pool():
+    """The buffer's leasing alone (deterministic under the seed): with prompt skipping on, the prompts that are never
+    or always solved stop taking rollouts, so more of the generated groups have reward variance."""
+    off = py.simulate("dynamo", pool=32, groups=400, seed=0)
+    on = py.simulate("dynamo-skip", pool=32, groups=400, seed=0)
+    assert off["prompts_skipped"] == 0 and on["prompts_skipped"] > 0
+    assert on["yield"] > off["yield"] + 0.1, (on, off)
+    assert on["samples_per_informative_group"] < off["samples_per_informative_group"]
+    assert off["mixed_prompts"] == on["mixed_prompts"]  # the same pool
