@@ -33,23 +33,38 @@ def test_the_default_loss_head_never_holds_a_micro_batchs_whole_logits():
     assert counter.peak < 0.55 * logits_bytes, f"peak {counter.peak / 2**20:.0f} MiB"
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 @pytest.mark.unit
 def test_after_each_step_the_learner_gives_glibc_held_freed_memory_back():
     """glibc raises its mmap threshold to the size of a freed large block, so later blocks below it come from the
-    heap; freed, they stay resident while a live block sits above them (as a step's activations do)."""
-    from learner.train import return_freed_heap
+    heap; freed, they stay resident while a live block sits above them (as a step's activations do). Run in a fresh
+    interpreter: the heap and the threshold are process-wide, and earlier tests of a session leave them in any
+    state."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    big = torch.ones(24 * 2**20 // 4)
-    del big  # the mmap threshold is now 24 MiB
-    blocks = [torch.ones(2 * 2**20 // 4) for _ in range(200)]  # 400 MiB, written, from the heap
-    pin = torch.ones(2**20 // 4)  # a live block above them
-    del blocks
-    held = _rss()
-    return_freed_heap()
-    assert held - _rss() > 300 * 2**20  # most of the 400 MiB left the process
-    assert pin.sum() == 2**18
+    out = subprocess.run([sys.executable, "-c", _HEAP_SCENARIO], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    freed = int(out.stdout.split()[-1])
+    assert freed > 300 * 2**20, f"{freed / 2**20:.0f} MiB"  # most of the 400 MiB left the process
+
+
+_HEAP_SCENARIO = """
+import torch
+from learner.train import return_freed_heap
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+big = torch.ones(24 * 2**20 // 4)
+del big  # the mmap threshold is now 24 MiB
+blocks = [torch.ones(2 * 2**20 // 4) for _ in range(200)]  # 400 MiB, written, from the heap
+pin = torch.ones(2**20 // 4)  # a live block above them
+del blocks
+held = rss()
+return_freed_heap()
+assert pin.sum() == 2**18
+print(held - rss())
+"""
