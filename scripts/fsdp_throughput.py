@@ -20,21 +20,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from learner_throughput import build_model, random_batch, timed_steps
+from learner_throughput import build_model, random_batch, step_parser, timed_steps
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", choices=("0.5b", "tiny"), default="0.5b")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--response-tokens", type=int, default=384)
-    parser.add_argument("--micro-batch-tokens", type=int, default=16384)
-    parser.add_argument("--loss-chunk-tokens", type=int, default=1024)
+    parser = step_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 1 step, small batch")

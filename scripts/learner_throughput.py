@@ -48,8 +48,9 @@ def random_batch(args: argparse.Namespace, vocab: int):
     return Batch(groups=served, policy_version=0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """The model, batch and step flags the throughput scripts share."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", choices=sorted(SIZES), default="0.5b")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
@@ -60,7 +61,11 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=384)
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = step_parser(__doc__.split("\n\n")[0]).parse_args()
 
     from common.config import PRESETS, with_overrides
     from learner.step import build_state
