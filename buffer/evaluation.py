@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import msgspec
 
+from buffer.prompts import PromptRecord
 from buffer.rejection import Rejection
 from common.schemas import EvalResult, WorkItem
 from common.suites import benchmark_metrics, load_suite_benchmarks, suite_average
@@ -43,18 +44,6 @@ class EvalSnapshot(msgspec.Struct, kw_only=True):
 
     finished: list[int] = msgspec.field(default_factory=list)
     pending: list[int] = msgspec.field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    """A held-out prompt as the buffer hands it out."""
-
-    prompt_id: str
-    question: str
-    answer: str
-    metadata_json: str = "{}"
-    benchmark: str = ""
-    """The suite benchmark it belongs to ('' for the task's held-out split)."""
 
 
 @dataclass(frozen=True)
@@ -85,17 +74,19 @@ class EvalLease:
     version: int
     open: dict[str, None]  # item ids without a result, in grant order (they go back in that order)
     deadline: float
+    actor_id: str = ""
+    done: int = 0  # items with an accepted result
 
 
 def item_id(mode: str, prompt_id: str) -> str:
     return f"eval:{mode}:{prompt_id}"
 
 
-def suite_prompts(suite: str, size: int) -> list[EvalPrompt]:
+def suite_prompts(suite: str, size: int) -> list[PromptRecord]:
     """The evaluation prompts of run.eval_suite, `size` per benchmark (0: all), tagged with their benchmark; ids
     `<benchmark>:<prompt id>` (unique even when two benchmarks read the same dataset)."""
     loaded = load_suite_benchmarks(suite, size or None)
-    return [EvalPrompt(f"{name}:{p.prompt_id}", p.question, p.answer, json.dumps(p.metadata), benchmark=name)
+    return [PromptRecord(f"{name}:{p.prompt_id}", p.question, p.answer, json.dumps(p.metadata), benchmark=name)
             for name, data in loaded.items() for p in data.prompts]
 
 
@@ -150,7 +141,7 @@ class EvalJobs:
             prompts = suite_prompts(cfg.run.eval_suite, cfg.run.eval_suite_size)
         self.prompts: dict[str, Any] = {p.prompt_id: p for p in prompts}
         self.benchmark_of: dict[str, str] = {pid: p.benchmark for pid, p in self.prompts.items()
-                                             if isinstance(p, EvalPrompt) and p.benchmark}
+                                             if getattr(p, "benchmark", "")}
         self.items: dict[str, tuple[Any, bool]] = {}  # item id -> (prompt, greedy)
         for mode in MODES:
             for pid, p in self.prompts.items():
@@ -197,7 +188,7 @@ class EvalJobs:
             return False
         return training_waits or head.eval_sequences <= self.cfg.run.eval_share * head.all_sequences
 
-    def grant(self, lease_id: int, max_prompts: int, now: float) -> tuple[int, list[WorkItem]]:
+    def grant(self, lease_id: int, max_prompts: int, now: float, actor_id: str = "") -> tuple[int, list[WorkItem]]:
         """(version, items) of a new evaluation lease from the oldest job with unleased items.
 
         The lease holds as many items as fit in the sequences of a typical training lease (max_prompts x
@@ -213,7 +204,7 @@ class EvalJobs:
             count, sequences = count + 1, sequences + n
         taken, job.pending = job.pending[:count], job.pending[count:]
         self.leases[lease_id] = EvalLease(lease_id, job.version, dict.fromkeys(taken),
-                                          now + self.cfg.buffer.lease_timeout_s)
+                                          now + self.cfg.buffer.lease_timeout_s, actor_id)
         items = [self._work_item(i) for i in taken]
         self.count_granted(sum(it.n for it in items), evaluation=True)
         return job.version, items
@@ -232,6 +223,12 @@ class EvalJobs:
         return WorkItem(prompt_id=iid, prompt=prompt.question, n=self._n(iid), answer=prompt.answer,
                         metadata_json=prompt.metadata_json, greedy=greedy,
                         benchmark=self.benchmark_of.get(prompt.prompt_id, ""))
+
+    def lease_rows(self, now: float) -> list[dict[str, Any]]:
+        """Live evaluation leases as `inspect leases` rows (kind `eval`, the version they evaluate)."""
+        return [{"lease_id": lease.lease_id, "kind": "eval", "actor_id": lease.actor_id, "open": len(lease.open),
+                 "done": lease.done, "seconds_left": round(lease.deadline - now, 1), "policy_version": lease.version}
+                for lease in self.leases.values()]
 
     def owns(self, lease_id: int) -> bool:
         return lease_id in self.leases
@@ -271,6 +268,7 @@ class EvalJobs:
             self.rejected[rej.code] = self.rejected.get(rej.code, 0) + 1
             raise
         lease.open.pop(result.item_id, None)
+        lease.done += 1
         if not lease.open:
             del self.leases[lease_id]
         job = self.jobs[lease.version]

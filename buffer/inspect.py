@@ -2,10 +2,12 @@
 
     python -m buffer.inspect --addr tcp://127.0.0.1:5555 summary          # counters, queue, staleness histogram
     python -m buffer.inspect --addr tcp://127.0.0.1:5555 prompts --top 20 # per-prompt table (priority, skip state)
+    python -m buffer.inspect --addr tcp://127.0.0.1:5555 leases           # live leases, training and evaluation
+    python -m buffer.inspect --addr tcp://127.0.0.1:5555 queue            # groups waiting for the learner
     python -m buffer.inspect --addr tcp://127.0.0.1:5555 watch            # live refreshing summary (Ctrl-C quits)
     python -m buffer.inspect --snapshot runs/x/buffer_snapshot.msgpack plot --out buffer.png
 
-`--json` prints the raw payload (summary or prompts) for scripts. CURVE-protected buffers take
+`--json` prints the raw payload (summary, prompts, leases or queue) for scripts. CURVE-protected buffers take
 `--curve-server-key FILE --curve-client-secret FILE` (see `python -m buffer.keys`).
 """
 
@@ -39,6 +41,10 @@ class SnapshotSource:
     def prompts(self, top: int) -> list[dict[str, Any]]:
         return self.state.prompt_rows(top)
 
+    def rows(self, what: str, top: int) -> list[dict[str, Any]]:
+        """`leases` (none: a snapshot's in-flight leases are pending work again) or `queue`."""
+        return self.state.inspect(what, top, 0.0)
+
 
 class LiveSource:
     def __init__(self, address: str, timeout_s: float, server_key: str, client_secret: str):
@@ -52,6 +58,9 @@ class LiveSource:
 
     def prompts(self, top: int) -> list[dict[str, Any]]:
         return self.client.inspect("prompts", top)
+
+    def rows(self, what: str, top: int) -> list[dict[str, Any]]:
+        return self.client.inspect(what, top)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -122,6 +131,22 @@ def prompts_table(rows: list[dict[str, Any]]) -> Table:
                       str(r["leases"]), _fmt(r.get("zero_variance_streak")),
                       f"{r.get('skips_in_row', 0)}/{r.get('skips', 0)}", _fmt(r.get("waves_since_seen")),
                       _fmt(r.get("skip_probability"), 2))
+    return table
+
+
+ROW_COLUMNS = {
+    "leases": ("lease_id", "kind", "actor_id", "policy_version", "open", "done", "seconds_left"),
+    "queue": ("prompt_id", "arrival", "samples", "min_version", "staleness"),
+}
+
+
+def rows_table(what: str, rows: list[dict[str, Any]]) -> Table:
+    """`leases` (an evaluation lease's policy_version is the version it evaluates) or `queue` as a table."""
+    table = Table(title=f"{what} ({len(rows)} shown)")
+    for name in ROW_COLUMNS[what]:
+        table.add_column(name, justify="left" if name in ("kind", "actor_id", "prompt_id") else "right")
+    for r in rows:
+        table.add_row(*(_fmt(r.get(name), 1) for name in ROW_COLUMNS[what]))
     return table
 
 
@@ -199,9 +224,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the buffer")
     parser.add_argument("--curve-server-key", default="", help="server public key file (CURVE)")
     parser.add_argument("--curve-client-secret", default="", help="client secret key file (CURVE)")
-    parser.add_argument("command", choices=("summary", "prompts", "watch", "plot"))
-    parser.add_argument("--top", type=int, default=20, help="prompts: rows to show (0 = all)")
-    parser.add_argument("--json", action="store_true", help="summary/prompts: print JSON instead of a table")
+    parser.add_argument("command", choices=("summary", "prompts", "leases", "queue", "watch", "plot"))
+    parser.add_argument("--top", type=int, default=20, help="prompts, leases, queue: rows to show (0 = all)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table (not watch, plot)")
     parser.add_argument("--out", default="buffer.png", help="plot: output image")
     parser.add_argument("--interval", type=float, default=2.0, help="watch: seconds between refreshes")
     parser.add_argument("--iterations", type=int, default=0, help="watch: stop after this many refreshes (0 = never)")
@@ -231,6 +256,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     elif args.command == "prompts":
         rows = source.prompts(args.top)
         console.print_json(json.dumps(rows)) if args.json else console.print(prompts_table(rows))
+    elif args.command in ROW_COLUMNS:
+        rows = source.rows(args.command, args.top)
+        console.print_json(json.dumps(rows)) if args.json else console.print(rows_table(args.command, rows))
     elif args.command == "plot":
         plot(source.stats(), source.prompts(0), args.out)
         console.print(f"wrote {args.out}")

@@ -50,6 +50,7 @@ import msgspec
 import numpy as np
 from buffer import skipping
 from buffer.evaluation import EvalJobs, EvalSnapshot
+from buffer.prompts import PromptRecord
 from buffer.rejection import Rejection
 from buffer.skipping import SkipController
 from common.config import Config, config_from_dict, config_to_dict
@@ -84,16 +85,6 @@ ALLOCATION_HISTORY = 16
 """Recent allocations remembered per prompt (for inspection)."""
 RETIRED_LEASES_KEPT = 16384
 """Finished/expired lease ids remembered so that late or duplicate submissions get a precise rejection."""
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    """A training prompt as the buffer hands it out."""
-
-    prompt_id: str
-    question: str
-    answer: str
-    metadata_json: str = "{}"
 
 
 class PromptStats(msgspec.Struct, kw_only=True):
@@ -312,7 +303,7 @@ class BufferState:
         self.expire_leases(now)
         reason = self._lease_wait_reason()
         if self.evals.wants_grant(training_waits=reason is not None):
-            return self._eval_lease(max_prompts, now)
+            return self._eval_lease(actor_id, max_prompts, now)
         if reason is not None:
             return self._wait(reason)
         leased = self._distinct(self._take(min(max_prompts, self.admission_room())))
@@ -328,10 +319,10 @@ class BufferState:
         return LeaseGrant(lease_id=lease.lease_id, items=items, policy_version=self.policy_version,
                           deadline_s=self.cfg.buffer.lease_timeout_s)
 
-    def _eval_lease(self, max_prompts: int, now: float) -> LeaseGrant:
+    def _eval_lease(self, actor_id: str, max_prompts: int, now: float) -> LeaseGrant:
         """An evaluation lease (buffer/evaluation.py); the actor generates it with weights of eval_version."""
         lease_id = self._new_lease_id()
-        version, items = self.evals.grant(lease_id, max_prompts, now)
+        version, items = self.evals.grant(lease_id, max_prompts, now, actor_id)
         return LeaseGrant(lease_id=lease_id, items=items, policy_version=self.policy_version,
                           deadline_s=self.cfg.buffer.lease_timeout_s, eval_version=version)
 
@@ -803,9 +794,11 @@ class BufferState:
                     for q in self.queue]
             return rows[:top] if top > 0 else rows
         if what == "leases":
-            return [{"lease_id": lease.lease_id, "actor_id": lease.actor_id, "open": len(lease.open),
+            rows = [{"lease_id": lease.lease_id, "kind": "train", "actor_id": lease.actor_id, "open": len(lease.open),
                      "done": len(lease.done), "seconds_left": round(lease.deadline - now, 1),
                      "policy_version": lease.policy_version} for lease in self.leases.values()]
+            rows = sorted(rows + self.evals.lease_rows(now), key=lambda row: row["lease_id"])
+            return rows[:top] if top > 0 else rows
         raise Rejection("bad_request", f"what: {what!r} is not one of prompts, summary, queue, leases")
 
     # ------------------------------------------------------------------------------------------- persistence

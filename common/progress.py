@@ -82,6 +82,10 @@ class RunStatus:
     """reward/mean of the recent learner steps, oldest first."""
     evals: tuple[tuple[int, float], ...] = ()
     """(step, eval/pass@1) of every held-out evaluation so far."""
+    suite: tuple[tuple[int, float], ...] = ()
+    """(step, eval/suite/avg@k) of every evaluation of run.eval_suite so far (the mean over its benchmarks)."""
+    suite_label: str = ""
+    """'<suite> avg@k' when the run evaluates a suite."""
     samples: int | None = None
     samples_per_s: float | None = None
     learner_idle: float | None = None
@@ -118,6 +122,8 @@ class RunWatch:
         self.steps: deque[tuple[float, int]] = deque(maxlen=ETA_STEPS)  # (time, step) of training records
         self.rewards: deque[float] = deque(maxlen=TREND_POINTS)
         self.evals: dict[int, float] = {}  # step -> eval/pass@1
+        self.suite_key = f"eval/suite/avg@{cfg.run.eval_samples}"
+        self.suite: dict[int, float] = {}  # step -> eval/suite/avg@k
         self.actor_idle: dict[str, float] = {}
         self.samples: deque[tuple[float, int]] = deque()
 
@@ -128,6 +134,8 @@ class RunWatch:
                 self._learner_record(rec)
             elif role == "eval" and rec.get("eval/pass@1") is not None:
                 self.evals[rec["step"]] = rec["eval/pass@1"]
+                if rec.get(self.suite_key) is not None:
+                    self.suite[rec["step"]] = rec[self.suite_key]
             elif isinstance(role, str) and role.startswith("actor") and rec.get("rollout/idle_fraction") is not None:
                 self.actor_idle[role] = rec["rollout/idle_fraction"]
 
@@ -155,7 +163,10 @@ class RunWatch:
             run_name=self.run_name, phase=phase, detail=detail, step=self.learner.get("step", 0),
             total_steps=self.cfg.learner.total_steps, elapsed_s=now - self.started,
             version=stats.get("policy_version"), eta_s=self.eta_s(), rewards=tuple(self.rewards),
-            evals=tuple(sorted(self.evals.items())), samples=stats.get("samples_received"),
+            evals=tuple(sorted(self.evals.items())), suite=tuple(sorted(self.suite.items())),
+            suite_label=(f"{self.cfg.run.eval_suite} avg@{self.cfg.run.eval_samples}" if self.cfg.run.eval_suite
+                         else ""),
+            samples=stats.get("samples_received"),
             samples_per_s=self.samples_per_s(),
             learner_idle=self.learner.get("time/idle_fraction"),
             actor_idle=statistics.fmean(self.actor_idle.values()) if self.actor_idle else None,
@@ -238,6 +249,7 @@ def status_line(s: RunStatus) -> str:
         f"step {s.step}/{s.total_steps} v{'?' if s.version is None else s.version}",
         f"reward {_fmt(s.rewards[-1] if s.rewards else None)}",
         f"eval@1 {_fmt(eval1)}",
+        *([f"{s.suite_label} {_fmt(s.suite[-1][1] if s.suite else None)}"] if s.suite_label else []),
         f"samples/s {_fmt(s.samples_per_s, 1)}",
         f"idle {_pct(s.learner_idle)}",
         f"queue {'?' if s.queue is None else s.queue}",
@@ -267,6 +279,8 @@ def render_status(s: RunStatus) -> RenderableType:
     grid.add_row("learner step", bar)
     grid.add_row("reward", _reward_text(s.rewards))
     grid.add_row("eval pass@1", _eval_text(s.evals))
+    if s.suite_label:
+        grid.add_row(s.suite_label, _eval_text(s.suite))
     grid.add_row("samples/s", f"{_fmt(s.samples_per_s, 1)}   (generated {'-' if s.samples is None else s.samples}"
                               f", policy version {'?' if s.version is None else s.version})")
     grid.add_row("idle", f"learner {_pct(s.learner_idle)}   actors {_pct(s.actor_idle)}")

@@ -164,6 +164,28 @@ def test_eval_share_of_sequences_and_eval_first_when_training_waits():
 
 
 @pytest.mark.integration
+def test_inspect_leases_shows_evaluation_leases_beside_training_leases():
+    from rich.console import Console
+
+    from buffer.inspect import parse_args, run
+
+    with serving(eval_cfg(), 2) as client:
+        evaluating = client.lease("eval-actor", 1)  # 0/0 sequences evaluated so far: the evaluation comes first
+        training = client.lease("train-actor", 1)
+        assert (evaluating.eval_version, training.eval_version) == (0, -1)
+        client.submit_eval(evaluating.lease_id, result(evaluating.items[0], [True]))
+        rows = client.inspect("leases")
+        assert [(r["lease_id"], r["kind"], r["actor_id"], r["policy_version"], r["open"], r["done"])
+                for r in rows] == [(evaluating.lease_id, "eval", "eval-actor", 0, 1, 1),
+                                   (training.lease_id, "train", "train-actor", 0, 1, 0)]
+        assert all(0 < r["seconds_left"] <= 10.0 for r in rows)
+        console = Console(record=True, width=160)
+        assert run(parse_args(["--addr", client.address, "leases"]), console) == 0
+        table = console.export_text()
+        assert "eval-actor" in table and "train-actor" in table and "eval " in table
+
+
+@pytest.mark.integration
 def test_expired_or_released_eval_lease_is_reissued_and_the_job_finishes_with_one_record(tmp_path):
     # Long enough that the re-issued lease outlives the requests below on a loaded machine.
     cfg = with_overrides(eval_cfg(eval_share=1.0), buffer={"lease_timeout_s": 2.0})

@@ -83,6 +83,21 @@ def test_render_status_without_warning_has_no_warning_line():
     assert "⚠" not in _text(render_status(_status(warning="")))
 
 
+def test_a_suite_run_shows_the_suite_average_beside_pass_at_1(tmp_path):
+    cfg = with_overrides(_cfg(), run={"eval_suite": "math6", "eval_samples": 4})
+    watch = RunWatch(tmp_path, cfg, actors_alive=lambda: 1, clock=Clock(1000.0))
+    _append(tmp_path, {"role": "eval", "step": 0, "time": 1001.0, "eval/pass@1": 0.05, "eval/suite/avg@4": 0.125},
+            {"role": "eval", "step": 10, "time": 1002.0, "eval/pass@1": 0.25, "eval/suite/avg@4": 0.375})
+    status = watch.update({"clients": {"learner": 1, "actor": 1}})
+    assert status.suite == ((0, 0.125), (10, 0.375)) and status.suite_label == "math6 avg@4"
+    assert "| eval@1 0.25 | math6 avg@4 0.38 |" in status_line(status)
+    text = _text(render_status(status))
+    assert "math6 avg@4" in text and "0.12 → 0.38" in text
+    # Without a suite neither form names one.
+    plain = RunWatch(tmp_path, _cfg(), actors_alive=lambda: 1, clock=Clock(1000.0)).update({})
+    assert plain.suite_label == "" and "avg@" not in status_line(plain) and "avg@" not in _text(render_status(plain))
+
+
 def test_sparkline_scales_between_min_and_max():
     # 0 -> lowest block, 1 -> highest, 0.5 -> 0.5 * 7 = 3.5 rounds to index 4 ("▅")
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
