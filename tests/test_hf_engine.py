@@ -156,3 +156,25 @@ def test_load_weights_rejects_unknown_names_and_bad_shapes(tiny):
 def test_stop_token_ids_come_from_tokenizer_and_generation_config(tiny):
     tok, model = tiny
     assert stop_token_ids_of(tok, model) == (tok.eos_token_id,)
+
+
+def test_each_distinct_prompt_is_prefilled_once_and_samples_continue_from_its_cache(tiny):
+    tok, model = tiny
+    prompts = _prompts(tok)
+    engine = _engine(tiny, max_batch_sequences=16)
+    rows_seen = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: rows_seen.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        greedy = engine.generate(prompts, [3, 3, 3, 3], SamplingParams(max_new_tokens=6, temperature=0.0))
+    finally:
+        hook.remove()
+    width = max(len(p) for p in prompts)
+    assert rows_seen[0] == (4, width)              # the prefill: 4 distinct prompts, not 12 rows
+    assert all(shape[1] == 1 for shape in rows_seen[1:]) and rows_seen[1][0] == 12
+    # Each copy decodes as the prompt alone would: greedy samples equal one-sample generation per prompt.
+    for prompt, group in zip(prompts, greedy):
+        alone = engine.generate([prompt], [1], SamplingParams(max_new_tokens=6, temperature=0.0))[0][0]
+        for sample in group:
+            assert sample.token_ids.tolist() == alone.token_ids.tolist()
+            np.testing.assert_allclose(sample.logprobs, alone.logprobs, atol=1e-5, rtol=0)

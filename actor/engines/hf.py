@@ -3,7 +3,9 @@
 Its own decode loop instead of `model.generate`, because RL needs, per sampled token, the log-prob under the
 sampling distribution and the policy version that produced it, and because weights can be swapped between decode
 steps. Each batch: left-padded prompts with an attention mask and position ids, one prefill, then one forward per
-new token through a DynamicCache. The log-prob of a sampled token is log_softmax(logits / temperature) taken before
+new token through a DynamicCache. The prefill runs once per distinct prompt of the batch, and its KV-cache rows are
+copied to each of that prompt's samples: a group of n samples costs one prompt forward, not n (what SGLang's
+shared-prefix cache does for it). The log-prob of a sampled token is log_softmax(logits / temperature) taken before
 top-p filtering (SGLang's convention, so both engines feed the learner the same quantity). A row that samples a
 stop token is finished: later tokens are not recorded, and the batch is compacted (rows dropped from the KV cache)
 once enough rows have finished. Batches hold at most `max_batch_sequences` sequences. Sampling uses a seeded
@@ -135,9 +137,15 @@ class HFEngine:
         from transformers import DynamicCache
 
         batch, steps, dev = len(prompts), sampling.max_new_tokens, self.device
-        input_ids, attention_mask = self._left_pad(prompts)                    # [B, L], [B, L]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)            # [B, L]
+        distinct: dict[tuple[int, ...], int] = {}
+        owner = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=dev)  # [B]
+        input_ids, attention_mask = self._left_pad([list(p) for p in distinct])   # [U, L], [U, L]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)            # [U, L]
         cache = DynamicCache()
+        logits, version = self._forward(input_ids, attention_mask, position_ids, cache)      # [U, V]
+        if len(distinct) < batch:  # each sample continues from a copy of its prompt's cache rows
+            cache.batch_select_indices(owner)
+        logits, attention_mask, position_ids = logits[owner], attention_mask[owner], position_ids[owner]
         rows = torch.arange(batch, device=dev)              # [b] original index of each row still in the batch
         active = torch.ones(batch, dtype=torch.bool, device=dev)               # [b] row has not stopped yet
         tokens = torch.full((batch, steps), self.pad_token_id, dtype=torch.long, device=dev)
@@ -146,9 +154,9 @@ class HFEngine:
         lengths = torch.zeros(batch, dtype=torch.long, device=dev)
         stopped = torch.zeros(batch, dtype=torch.bool, device=dev)
         stop_ids = torch.tensor(sampling.stop_token_ids or [-1], device=dev)
-        next_input = input_ids
         for step in range(steps):
-            logits, version = self._forward(next_input, attention_mask, position_ids, cache)   # [b, V]
+            if step:
+                logits, version = self._forward(next_input, attention_mask, position_ids, cache)   # [b, V]
             token, logprob = _sample(logits, sampling, generator)                              # [b], [b]
             live_rows = rows[active]
             tokens[live_rows, step] = token[active]
