@@ -388,6 +388,11 @@ class LearnerConfig:
     head's extra memory is two [chunk, vocabulary] float32 buffers instead of several [micro-batch response tokens,
     vocabulary] logits-sized tensors (and never grows with the micro-batch). 0: project the whole micro-batch at
     once (the [B, R, V] logits are materialised, as a forward hook on the LM head sees them)."""
+    shared_prompt_forward: bool = True
+    """Run each prompt of a micro-batch once and its samples' responses as continuations of its KV cache
+    (learner/batch.py): a group of n samples costs one prompt forward and backward instead of n. Off: every sample's
+    prompt + response as a separate sequence. No effect with activation_checkpointing (a layer recomputed in
+    backward would extend the cache a second time), which runs every sequence separately."""
     total_steps: int = 40
     """Learner steps in the run."""
     lr: float = 2e-5

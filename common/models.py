@@ -94,6 +94,15 @@ def load_model(name: str, *, dtype: Any, device: Any, cache_dir: str | Path | No
     return model.to(device).eval()
 
 
+def kv_cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that hands a KV cache to `model`'s forward: `cache` in newer transformers (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    import inspect
+
+    accepts = inspect.signature(type(model).forward).parameters
+    return {"cache" if "cache" in accepts else "past_key_values": cache}
+
+
 def resolve_device(device: str) -> str:
     """`auto` -> `cuda` when available else `cpu`; anything else unchanged."""
     if device != "auto":

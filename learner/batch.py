@@ -10,6 +10,12 @@ to *response positions* [B, R] (R = longest response): the sampled `targets`, th
 log-probs `behav_logp`, and `logit_index`, the sequence position whose logits predict each response token
 (prompt_len - 1 + j). The model's hidden states are gathered at `logit_index` before the LM head, so only
 response positions ever get vocabulary-sized logits.
+
+With `shared_prompts` (`learner.shared_prompt_forward`, the default) a micro-batch holds each of its prompts once:
+`prompt_ids` [U, P] (right-padded) with `prompt_mask`, and `owner` [B], the prompt row of each response. The
+policy runs the prompts, then the responses as a continuation of their prompt's KV cache (learner/step.py,
+`ResponseLogits`), so a group of n samples costs one prompt forward and backward instead of n. Packing keeps a
+group's samples together; a group over the budget is split, each part carrying the prompt once.
 """
 
 from __future__ import annotations
@@ -88,21 +94,32 @@ def split_groups(num_groups: int, parts: int) -> list[list[int]]:
 
 @dataclass
 class MicroBatch:
-    """Padded tensors of one forward/backward pass; [B, L] sequence grid and [B, R] response grid."""
+    """Padded tensors of one forward/backward pass: the [B, R] response grid, and either the [B, L] sequence grid
+    (input_ids, attention_mask, logit_index) or each prompt once (prompt_ids, prompt_mask, owner)."""
 
-    input_ids: Tensor  # [B, L] int64, right-padded with 0
-    attention_mask: Tensor  # [B, L] int64
-    logit_index: Tensor  # [B, R] int64: position whose logits predict response token j
     targets: Tensor  # [B, R] int64: response tokens (0 at padding)
     mask: Tensor  # [B, R] bool: valid response tokens
     behav_logp: Tensor  # [B, R] float32: behaviour log-probs (0 at padding)
     adv: Tensor  # [B] float32: sequence advantages
     sample_index: Tensor  # [B] int64: row of each sequence in its mini-batch's Rollouts
+    input_ids: Tensor | None = None  # [B, L] int64, right-padded with 0
+    attention_mask: Tensor | None = None  # [B, L] int64
+    logit_index: Tensor | None = None  # [B, R] int64: position whose logits predict response token j
+    prompt_ids: Tensor | None = None  # [U, P] int64: the distinct prompts, right-padded with 0
+    prompt_mask: Tensor | None = None  # [U, P] int64
+    owner: Tensor | None = None  # [B] int64: prompt row of each response
     prox_logp: Tensor | None = None  # [B, R] pi_prox log-probs when they differ from the current weights
 
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum())
+
+    @property
+    def sequence_tokens(self) -> int:
+        """Prompt + response tokens of every sample (padding excluded), whether or not prompts are shared."""
+        if self.owner is None:
+            return int(self.attention_mask.sum())
+        return int(self.prompt_mask.sum(1)[self.owner].sum()) + int(self.mask.sum())
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
@@ -121,10 +138,61 @@ def _rows_by_budget(lengths: list[int], token_budget: int) -> list[list[int]]:
     return packs
 
 
-def pack_micro_batches(rollouts: Rollouts, adv: Tensor, token_budget: int) -> list[MicroBatch]:
-    """Micro-batches of whole sequences under `token_budget` padded tokens each (a longer sequence goes alone)."""
+def pack_micro_batches(rollouts: Rollouts, adv: Tensor, token_budget: int,
+                       shared_prompts: bool = False) -> list[MicroBatch]:
+    """Micro-batches under `token_budget` padded tokens each (a longer sequence goes alone): whole sequences, or
+    with `shared_prompts` groups' samples in order with each prompt once (see the module docstring)."""
+    if shared_prompts:
+        return [_pad_shared(rollouts, adv, rows) for rows in _rows_by_group(rollouts, token_budget)]
     seq_lengths = [len(p) + len(r) for p, r in zip(rollouts.prompts, rollouts.responses)]
     return [_pad_rows(rollouts, adv, rows) for rows in _rows_by_budget(seq_lengths, token_budget)]
+
+
+def _rows_by_group(rollouts: Rollouts, token_budget: int) -> list[list[int]]:
+    """Consecutive rows (groups stay together) while the padded cost, distinct prompts x longest prompt + rows x
+    longest response, stays <= budget (one row minimum)."""
+    packs: list[list[int]] = []
+    pack: list[int] = []
+    groups, prompt_len, response_len = 0, 0, 0
+    for rows in rollouts.sample_slices():
+        for i in range(rows.start, rows.stop):
+            new_group = not pack or i == rows.start
+            p = max(prompt_len, len(rollouts.prompts[i]))
+            r = max(response_len, len(rollouts.responses[i]), 1)
+            if pack and (groups + new_group) * p + (len(pack) + 1) * r > token_budget:
+                packs.append(pack)
+                pack, groups, new_group = [], 0, True
+                p, r = len(rollouts.prompts[i]), max(len(rollouts.responses[i]), 1)
+            pack.append(i)
+            groups, prompt_len, response_len = groups + new_group, p, r
+    return packs + ([pack] if pack else [])
+
+
+def _pad_shared(rollouts: Rollouts, adv: Tensor, rows: list[int]) -> MicroBatch:
+    prompts: dict[bytes, int] = {}
+    owner = [prompts.setdefault(rollouts.prompts[i].tobytes(), len(prompts)) for i in rows]
+    first_row: dict[int, int] = {}
+    for o, i in zip(owner, rows):
+        first_row.setdefault(o, i)
+    firsts = list(first_row.values())  # one row per prompt, in prompt-row order
+    prompt_len = max(len(rollouts.prompts[i]) for i in firsts)
+    prompt_ids = torch.zeros(len(firsts), prompt_len, dtype=torch.long)
+    prompt_mask = torch.zeros(len(firsts), prompt_len, dtype=torch.long)
+    for u, i in enumerate(firsts):
+        prompt_ids[u, :len(rollouts.prompts[i])] = torch.from_numpy(rollouts.prompts[i])
+        prompt_mask[u, :len(rollouts.prompts[i])] = 1
+    resp_len = max(1, max(len(rollouts.responses[i]) for i in rows))
+    targets = torch.zeros(len(rows), resp_len, dtype=torch.long)
+    mask = torch.zeros(len(rows), resp_len, dtype=torch.bool)
+    behav = torch.zeros(len(rows), resp_len, dtype=torch.float32)
+    for b, i in enumerate(rows):
+        r = len(rollouts.responses[i])
+        targets[b, :r] = torch.from_numpy(rollouts.responses[i])
+        mask[b, :r] = True
+        behav[b, :r] = torch.from_numpy(rollouts.behav_logprobs[i])
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return MicroBatch(targets=targets, mask=mask, behav_logp=behav, adv=adv[index].float(), sample_index=index,
+                      prompt_ids=prompt_ids, prompt_mask=prompt_mask, owner=torch.as_tensor(owner, dtype=torch.long))
 
 
 def _pad_rows(rollouts: Rollouts, adv: Tensor, rows: list[int]) -> MicroBatch:

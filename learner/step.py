@@ -78,12 +78,47 @@ class ResponseLogits(nn.Module):
                                        use_cache=False).last_hidden_state
         return hidden.gather(1, logit_index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor,
-                hidden_only: bool = False) -> Tensor:
-        """Logits [B, R, V], or with `hidden_only` the LM head's input [B, R, H]. The chunked loss head calls this
-        too (not `response_hidden`): under FSDP the root's parameters (embeddings, final norm, LM head) are
-        gathered when this module's forward runs, and stay gathered until its backward."""
-        hidden = self.response_hidden(input_ids, attention_mask, logit_index)
+    def shared_prompt_hidden(self, prompt_ids: Tensor, prompt_mask: Tensor, responses: Tensor,
+                             response_mask: Tensor, owner: Tensor) -> Tensor:
+        """The LM head's input [B, R, H] with each prompt run once: the prompts [U, P] (right-padded) fill a KV
+        cache, whose rows are copied to their responses (`owner` [B]); the responses then run as a continuation
+        (positions prompt length + j, attending to their prompt and their own earlier tokens). Response token 0
+        is predicted from the prompt's last position, token j > 0 from response token j - 1. Gradients reach
+        the prompt's keys and values through the cache (the copy and the concatenation are differentiable)."""
+        from transformers import DynamicCache
+
+        from common.models import kv_cache_kwargs
+
+        base = self.model.base_model
+        cache = DynamicCache()
+        with_cache = kv_cache_kwargs(base, cache)
+        positions = torch.arange(prompt_ids.shape[1], device=prompt_ids.device).expand_as(prompt_ids)
+        first = base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                     **with_cache).last_hidden_state                                                 # [U, P, H]
+        prompt_len = prompt_mask.sum(1)                                                         # [U]
+        last = first[torch.arange(first.shape[0], device=first.device), prompt_len - 1][owner]  # [B, H]
+        if responses.shape[1] == 1:
+            return last[:, None]
+        cache.batch_select_indices(owner)
+        inputs = responses[:, :-1]                                                              # [B, R-1]
+        steps = torch.arange(inputs.shape[1], device=inputs.device)
+        rest = base(input_ids=inputs, attention_mask=torch.cat([prompt_mask[owner], response_mask[:, :-1].long()], 1),
+                    position_ids=prompt_len[owner, None] + steps, use_cache=True,
+                    **with_cache).last_hidden_state                                                  # [B, R-1, H]
+        return torch.cat([last[:, None], rest], 1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logit_index: Tensor | None,
+                hidden_only: bool = False, responses: Tensor | None = None, response_mask: Tensor | None = None,
+                owner: Tensor | None = None) -> Tensor:
+        """Logits [B, R, V], or with `hidden_only` the LM head's input [B, R, H]. With `owner` (shared prompts),
+        `input_ids`/`attention_mask` are the distinct prompts [U, P] and `responses`/`response_mask` the response
+        grid [B, R] (`shared_prompt_hidden`). The chunked loss head calls this too (not the hidden-state methods):
+        under FSDP the root's parameters (embeddings, final norm, LM head) are gathered when this module's
+        forward runs, and stay gathered until its backward."""
+        if owner is None:
+            hidden = self.response_hidden(input_ids, attention_mask, logit_index)
+        else:
+            hidden = self.shared_prompt_hidden(input_ids, attention_mask, responses, response_mask, owner)
         return hidden if hidden_only else self.model.get_output_embeddings()(hidden)
 
 
@@ -123,15 +158,27 @@ def build_state(model: nn.Module, cfg: LearnerConfig, sharded: bool = False) -> 
 def token_outputs(policy: ResponseLogits, mb: MicroBatch, temperature: float,
                   entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(log pi(target) with grad, entropy, E_pi[pi Lambda]), each [B, R], at the sampling temperature."""
+    if mb.owner is None:
+        inputs: tuple = (mb.input_ids, mb.attention_mask, mb.logit_index)
+        shared: dict[str, Tensor] = {}
+    else:
+        inputs, shared = (mb.prompt_ids, mb.prompt_mask, None), dict(responses=mb.targets, response_mask=mb.mask,
+                                                                    owner=mb.owner)
     if policy.loss_chunk_tokens > 0:
-        hidden = policy(mb.input_ids, mb.attention_mask, mb.logit_index, hidden_only=True)  # [B, R, H]
+        hidden = policy(*inputs, hidden_only=True, **shared)  # [B, R, H]
         return head_token_outputs(hidden, policy.model.get_output_embeddings(), mb.targets, temperature=temperature,
                                   chunk_tokens=policy.loss_chunk_tokens, entropy_grad=entropy_grad)
-    logits = policy(mb.input_ids, mb.attention_mask, mb.logit_index) / temperature  # [B, R, V]
+    logits = policy(*inputs, **shared) / temperature  # [B, R, V]
     return token_logprob_entropy(logits, mb.targets, entropy_grad=entropy_grad)
 
 
 # ---------------------------------------------------------------------------------------------- preparation
+
+
+def shared_prompts(cfg: LearnerConfig) -> bool:
+    """Whether micro-batches hold each prompt once (learner.shared_prompt_forward, unless activation
+    checkpointing recomputes the layers: their KV cache would be extended twice)."""
+    return cfg.shared_prompt_forward and not cfg.activation_checkpointing
 
 
 @dataclass
@@ -181,7 +228,7 @@ def prepare_step(batch: Batch, cfg: Config) -> PreparedStep:
         chosen = [keep[g] for g in groups]
         sub = rollouts.select_groups(chosen)
         sub_adv = torch.cat([adv[slices[g]] for g in chosen])
-        micro = pack_micro_batches(sub, sub_adv, cfg.learner.micro_batch_tokens)
+        micro = pack_micro_batches(sub, sub_adv, cfg.learner.micro_batch_tokens, shared_prompts(cfg.learner))
         tokens = float(sub.lengths.sum())
         if tokens == 0:
             continue
@@ -380,7 +427,7 @@ def train_step(state: LearnerState, batch: Batch, cfg: Config) -> dict[str, floa
     if state.sharded:  # the sharded parameters back on the modules, also after a step without a backward
         state.policy.reshard()
     elapsed = time.perf_counter() - start
-    tokens = sum(int(mb.attention_mask.sum()) for mbs in mini_batches for mb in mbs)
+    tokens = sum(mb.sequence_tokens for mbs in mini_batches for mb in mbs)
     metrics = {k: float(v) for k, v in prepared.metrics.items()}
     metrics.update(acc.result())
     metrics.update({"optim/lr": lr, "optim/steps": len(mini_batches), "time/forward_backward_s": elapsed,

@@ -35,15 +35,20 @@ def scenarios():
     """(name, config, batch). 4 groups x 4 samples in 2 mini-batches of 8 sequences (the second trains against
     pi_prox). `odd`: 3 rows per micro-batch -> 3 micro-batches per mini-batch (rank 0 takes 2, rank 1 takes 1 and
     pads one neutral pass), minibatch-scope modulation, the unchunked loss head. `one`: 1 micro-batch per
-    mini-batch (rank 1 has none), the chunked loss head, per-layer activation checkpointing. A tight grad_clip makes
-    the clip act (the norm must be the global one)."""
+    mini-batch (rank 1 has none), the chunked loss head, per-layer activation checkpointing. `shared`: each prompt
+    run once (two forwards through every sharded layer per micro-batch), a budget of 5 + 3 x 6 tokens -> micro-batches
+    of rows [0, 1, 2], [3, 4] (two prompts: 2 x 5 + 2 x 6), [5, 6, 7], the chunked loss head. `odd` runs every
+    sequence separately. A tight grad_clip makes the clip act (the norm must be the global one)."""
     seq = PROMPT + RESPONSE
     base = with_overrides(make_cfg(modulation=True, modulation_scope="minibatch"),
                           learner={"mini_batches": 2, "groups_per_step": 4, "grad_clip": 0.05})
-    odd = with_overrides(base, learner={"micro_batch_tokens": 3 * seq, "loss_chunk_tokens": 0})
+    odd = with_overrides(base, learner={"micro_batch_tokens": 3 * seq, "loss_chunk_tokens": 0,
+                                        "shared_prompt_forward": False})
     one = with_overrides(base, learner={"micro_batch_tokens": 8 * seq, "loss_chunk_tokens": 4,
                                         "activation_checkpointing": True})
-    return [("odd", odd, make_batch(tiny_groups(5))), ("one", one, make_batch(tiny_groups(6)))]
+    shared = with_overrides(base, learner={"micro_batch_tokens": PROMPT + 3 * RESPONSE, "loss_chunk_tokens": 4})
+    return [("odd", odd, make_batch(tiny_groups(5))), ("one", one, make_batch(tiny_groups(6))),
+            ("shared", shared, make_batch(tiny_groups(9)))]
 
 
 def tiny():
@@ -97,7 +102,7 @@ def test_config_fields_are_validated():
 def test_two_sharded_ranks_take_the_single_process_step(tmp_path):
     torch.set_num_threads(1)
     counts = {name: [len(mbs) for mbs in prepare_step(batch, cfg).mini_batches] for name, cfg, batch in scenarios()}
-    assert counts == {"odd": [3, 3], "one": [1, 1]}
+    assert counts == {"odd": [3, 3], "one": [1, 1], "shared": [3, 3]}
     out, port = tmp_path / "fsdp.pt", free_port()
     codes, errors = run_ranks(_step_rank, lambda rank: (rank, port, out), 2, timeout_s=120)
     assert codes == [0, 0] and not errors, (codes, errors)

@@ -146,15 +146,17 @@ def _logit_grads(model, batch, cfg):
     whose logits never exist whole) and the unchunked one alike."""
     captured = {}
     state = build_state(model, cfg.learner)
-    response_hidden = state.policy.response_hidden
 
-    def keep_grad(*args):
-        hidden = response_hidden(*args)  # [B, R, H]
-        hidden.retain_grad()
-        captured["hidden"] = hidden
-        return hidden
+    def keep_grad(method):
+        def wrapped(*args):
+            hidden = method(*args)  # [B, R, H]
+            hidden.retain_grad()
+            captured["hidden"] = hidden
+            return hidden
+        return wrapped
 
-    state.policy.response_hidden = keep_grad
+    state.policy.response_hidden = keep_grad(state.policy.response_hidden)
+    state.policy.shared_prompt_hidden = keep_grad(state.policy.shared_prompt_hidden)
     prepared = prepare_step(batch, cfg)
     (mb,) = prepared.mini_batches[0]
     metrics = accumulate_gradients(state, [mb], prepared.denominators[0], cfg)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from actor.engines.base import GeneratedSample, SamplingParams
+from common.models import kv_cache_kwargs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Compact the batch when fewer than this fraction of its rows are still generating; copying the KV cache on
@@ -202,7 +203,7 @@ class HFEngine:
             if self._closed:
                 raise EngineError("generate: engine closed during generation")
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **kv_cache_kwargs(self.model, cache))
             return out.logits[:, -1, :].float(), self.policy_version
 
 
