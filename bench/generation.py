@@ -3,10 +3,12 @@
 Both sample at temperature 1 with no top-k/top-p and no stop token, so each produces exactly batch x
 max_new_tokens tokens, from the same chat-templated arithmetic prompts, in the same process, alternating which goes
 first. HFEngine additionally returns per-token log-probs and versions. Reports tokens/s (median of --repeats)
-and the ratio engine / generate (target >= 0.9).
+and the ratio engine / generate (target >= 0.9). `--samples-per-prompt k` makes each batch batch/k prompts with k
+samples each, as an actor generates a group: the engine prefills each prompt once, `model.generate` gets each
+prompt's row k times.
 
     .venv/bin/python bench/generation.py [--model smollm2] [--dtype bfloat16] [--batches 1 16 64]
-                                         [--max-new-tokens 32] [--repeats 3] [--threads 0]
+                                         [--max-new-tokens 32] [--repeats 3] [--threads 0] [--samples-per-prompt 1]
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ def prompts_for(tokenizer, batch: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, p.question, task) for p in load_prompts(task, "train")[:batch]]
 
 
-def time_engine(engine: HFEngine, prompts: list[list[int]], new_tokens: int, seed: int) -> float:
+def time_engine(engine: HFEngine, prompts: list[list[int]], new_tokens: int, seed: int, samples: int = 1) -> float:
+    """Tokens/s of `samples` samples of each of `prompts`."""
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, stop_token_ids=(), seed=seed)
     start = time.perf_counter()
-    out = engine.generate(prompts, [1] * len(prompts), sampling)
+    out = engine.generate(prompts, [samples] * len(prompts), sampling)
     elapsed = time.perf_counter() - start
-    assert all(len(group[0].token_ids) == new_tokens for group in out)
-    return len(prompts) * new_tokens / elapsed
+    assert all(len(s.token_ids) == new_tokens for group in out for s in group)
+    return len(prompts) * samples * new_tokens / elapsed
 
 
 def time_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, seed: int) -> float:
@@ -72,7 +75,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--samples-per-prompt", type=int, default=1, help="k samples of each of batch/k prompts")
     args = parser.parse_args()
+    k = args.samples_per_prompt
+    if k < 1 or any(batch % k for batch in args.batches):
+        parser.error(f"--samples-per-prompt {k}: must be >= 1 and divide every --batches size")
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
@@ -82,23 +89,25 @@ def main() -> None:
           f"cpu {platform.processor() or platform.machine()} cores {os.cpu_count()} load {os.getloadavg()[0]:.2f}")
     rows = []
     for batch in args.batches:
-        prompts = prompts_for(tokenizer, batch)
-        time_engine(engine, prompts, 4, seed=0)  # warm-up: allocator, kernels
-        time_generate(model, prompts, 4, tokenizer.pad_token_id, seed=0)
+        prompts = prompts_for(tokenizer, batch // k)
+        rows_k = [p for p in prompts for _ in range(k)]  # model.generate: each prompt's row k times
+        time_engine(engine, prompts, 4, seed=0, samples=k)  # warm-up: allocator, kernels
+        time_generate(model, rows_k, 4, tokenizer.pad_token_id, seed=0)
         ours, theirs = [], []
         for rep in range(args.repeats):
             if rep % 2 == 0:
-                ours.append(time_engine(engine, prompts, args.max_new_tokens, seed=rep))
-                theirs.append(time_generate(model, prompts, args.max_new_tokens, tokenizer.pad_token_id, rep))
+                ours.append(time_engine(engine, prompts, args.max_new_tokens, seed=rep, samples=k))
+                theirs.append(time_generate(model, rows_k, args.max_new_tokens, tokenizer.pad_token_id, rep))
             else:
-                theirs.append(time_generate(model, prompts, args.max_new_tokens, tokenizer.pad_token_id, rep))
-                ours.append(time_engine(engine, prompts, args.max_new_tokens, seed=rep))
+                theirs.append(time_generate(model, rows_k, args.max_new_tokens, tokenizer.pad_token_id, rep))
+                ours.append(time_engine(engine, prompts, args.max_new_tokens, seed=rep, samples=k))
         row = {"batch": batch, "engine_tok_s": statistics.median(ours), "generate_tok_s": statistics.median(theirs)}
         row["ratio"] = row["engine_tok_s"] / row["generate_tok_s"]
         rows.append(row)
         print(f"batch {batch:3d}: HFEngine {row['engine_tok_s']:8.1f} tok/s   model.generate "
               f"{row['generate_tok_s']:8.1f} tok/s   ratio {row['ratio']:.2f}", flush=True)
     print(json.dumps({"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+                      "samples_per_prompt": k,
                       "load_after": os.getloadavg()[0], "rows": rows}))
 
 

@@ -25,7 +25,8 @@ does, and set MALLOC_* variables on the command line to try glibc settings):
 
     python -m bench.learner_memory --learner-step cpu-demo --threads 1 [--steps 3] [--loss-chunk-tokens N]
         [--micro-batch-tokens N] [--sync-bucket-mb N] [--adamw default|for-loop|foreach|fused] [--malloc-trim]
-        [--selective-checkpointing] [--activation-checkpointing] [--account] [--no-eval] [--json FILE]
+        [--selective-checkpointing] [--activation-checkpointing] [--separate-prompts] [--account] [--no-eval]
+        [--json FILE]
 
 builds the learner as learner/train.py does (load_model float32, build_state), runs --steps train steps on synthetic
 batches shaped like the preset's (groups of n_max, n_mean, n_mean, n_min samples, ~40-token prompts, responses up
@@ -287,6 +288,8 @@ def _learner_setup(args: argparse.Namespace, log: PhaseLog):
         overrides["sync_bucket_mb"] = args.sync_bucket_mb
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = True
+    if args.separate_prompts:
+        overrides["shared_prompt_forward"] = False
     cfg = with_overrides(PRESETS[args.learner_step](), learner=overrides)
     torch.set_num_threads(args.threads)
     from common.models import load_model
@@ -471,6 +474,8 @@ def add_learner_step_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--learner-step: decoder layers recompute their elementwise ops in backward")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="--learner-step: learner.activation_checkpointing (whole decoder layers recomputed)")
+    parser.add_argument("--separate-prompts", action="store_true",
+                        help="--learner-step: learner.shared_prompt_forward off (every prompt + response separately)")
     parser.add_argument("--account", action="store_true",
                         help="--learner-step: one more step under TensorBytes (the tensor bytes it allocates)")
     parser.add_argument("--no-eval", dest="eval", action="store_false",

@@ -20,7 +20,14 @@ Per run, from the final buffer snapshot's counters and the actors' lease records
   group that teaches something); yield = informative / generated groups;
 - generation seconds per learner step: the actors' busy generation time (tokens / tokens-per-second of each lease
   record, summed over actors) divided by the learner steps;
-- final pass@1: the last held-out evaluation (greedy) of the run.
+- final pass@1: the last held-out evaluation (greedy) of the run;
+- wall seconds: from the run's first record to the learner's last step; with `--target X`, wall seconds to
+  target = from the first record to the learner step (version) of the first evaluation with pass@1 >= X (the
+  evaluation's own latency left out: it runs beside training), and learner steps to target (NaN if never).
+
+A generation-bound setting (the learner waits on the actors, so yield turns into wall time), e.g.
+    python bench/prompt_yield.py --arms dynamo dynamo-skip --seeds 0 1 --steps 60 --target 0.3 \
+        --extra --learner.groups-per-step 2 --task.size 64 --run.eval-every 5 --run.eval-samples 1
 
 `--simulate` runs the buffer's own leasing (`buffer.state.BufferState`, the arm's allocation and skipping flags)
 without a model: a pool of `--pool` prompts whose success probabilities are fixed per prompt (40% never solved,
@@ -74,7 +81,21 @@ def generation_seconds(actor_records: list[dict[str, Any]]) -> float:
     return total
 
 
-def summarize_run(counters: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, float]:
+def time_to_target(records: list[dict[str, Any]], target: float) -> tuple[float, float]:
+    """(wall seconds, learner steps) to the first evaluated version with pass@1 >= target (NaN, NaN if none)."""
+    nan = float("nan")
+    start = min((r["time"] for r in records if "time" in r), default=nan)
+    step_time = {r["step"]: r["time"] for r in records if r["role"] == "learner" and r.get("time/step_s") is not None}
+    for rec in sorted((r for r in records if r.get("eval/pass@1") is not None), key=lambda r: r["step"]):
+        if rec["eval/pass@1"] >= target:
+            version = rec["step"]
+            reached = start if version == 0 else step_time.get(version, rec["time"])
+            return reached - start, float(version)
+    return nan, nan
+
+
+def summarize_run(counters: dict[str, Any], records: list[dict[str, Any]],
+                  target: float | None = None) -> dict[str, float]:
     """One run's yield numbers (see the module docstring) from its buffer counters and metrics records."""
     groups = counters.get("groups_received", 0)
     informative = groups - counters.get("groups_zero_variance", 0)
@@ -87,7 +108,14 @@ def summarize_run(counters: dict[str, Any], records: list[dict[str, Any]]) -> di
             actors.setdefault(rec["role"], []).append(rec)
     evals = sorted((r for r in records if r.get("eval/pass@1") is not None), key=lambda r: r["step"])
     nan = float("nan")
+    times = [r["time"] for r in records if "time" in r]
+    last_step = max((r["time"] for r in records if r["role"] == "learner" and r.get("time/step_s") is not None),
+                    default=nan)
+    wall_to_target, steps_to_target = time_to_target(records, target) if target is not None else (nan, nan)
     return {
+        "wall_s": last_step - min(times) if times else nan,
+        "wall_s_to_target": wall_to_target,
+        "steps_to_target": steps_to_target,
         "steps": steps,
         "groups": groups,
         "informative_groups": informative,
@@ -100,24 +128,27 @@ def summarize_run(counters: dict[str, Any], records: list[dict[str, Any]]) -> di
     }
 
 
-def load(run_dir: Path) -> dict[str, float]:
+def load(run_dir: Path, target: float | None = None) -> dict[str, float]:
     from buffer.state import decode_snapshot
     from common.metrics import read_metrics
 
     snap = decode_snapshot((run_dir / "buffer_snapshot.msgpack").read_bytes())
     counters = {f: getattr(snap.counters, f) for f in snap.counters.__struct_fields__}
-    return summarize_run(counters, read_metrics(run_dir / "metrics.jsonl"))
+    return summarize_run(counters, read_metrics(run_dir / "metrics.jsonl"), target)
 
 
-def report(runs: dict[str, list[dict[str, float]]], baseline: str) -> str:
+def report(runs: dict[str, list[dict[str, float]]], baseline: str, target: float | None = None) -> str:
     """Markdown: one row per arm (mean ± std over seeds), then each skipping arm against its arm without."""
     keys = [("yield", "informative yield", 3), ("samples_per_informative_group", "samples / informative group", 1),
             ("generation_s_per_step", "generation s / learner step", 1), ("prompts_skipped", "prompts skipped", 0),
-            ("final_pass@1", "final pass@1", 3)]
+            ("final_pass@1", "final pass@1", 3), ("wall_s", "wall s", 0)]
+    if target is not None:
+        keys += [("wall_s_to_target", f"wall s to pass@1 >= {target}", 0),
+                 ("steps_to_target", "learner steps to target", 0)]
     lines = ["| arm | seeds | " + " | ".join(label for _, label, _ in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     for arm, rows in runs.items():
-        cells = [fmt_ms([r[k] for r in rows], digits) for k, _, digits in keys]
+        cells = [fmt_ms([r.get(k, float("nan")) for r in rows], digits) for k, _, digits in keys]
         lines.append(f"| {ARMS[arm][0]} | {len(rows)} | " + " | ".join(cells) + " |")
     lines.append("")
     for arm, rows in runs.items():
@@ -200,6 +231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", type=Path, default=None, help="where the runs go (default: a temp dir)")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per run")
+    parser.add_argument("--target", type=float, default=None, help="held-out pass@1 whose wall time is reported")
     parser.add_argument("--simulate", action="store_true", help="the buffer's leasing alone, no model (seconds)")
     parser.add_argument("--pool", type=int, nargs="+", default=[32, 256], help="--simulate: prompts in the pool")
     parser.add_argument("--groups", type=int, default=1200, help="--simulate: generated groups per run")
@@ -227,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     runs: dict[str, list[dict[str, float]]] = {}
     for spec, run_dir in zip(specs, dirs):
-        runs.setdefault(spec.config, []).append(load(run_dir))
-    print(report(runs, args.baseline))
+        runs.setdefault(spec.config, []).append(load(run_dir, args.target))
+    print(report(runs, args.baseline, args.target))
     if args.out_json:
         args.out_json.write_text(json.dumps(jsonable(runs), indent=2) + "\n")
     return 0

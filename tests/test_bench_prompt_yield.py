@@ -74,3 +74,15 @@ def test_simulation_skipping_raises_the_yield_of_a_fixed_difficulty_pool():
     assert on["yield"] > off["yield"] + 0.1, (on, off)
     assert on["samples_per_informative_group"] < off["samples_per_informative_group"]
     assert off["mixed_prompts"] == on["mixed_prompts"]  # the same pool
+
+
+def test_wall_time_and_time_to_target_by_hand():
+    # First record at t = 95 (actor1). Learner steps end at 103 (step 1) and 107 (step 2): wall 107 - 95 = 12 s.
+    # Target 0.3: version 0 has 0.1, version 2 has 0.4 -> reached when the learner finished step 2: 12 s, 2 steps.
+    out = py.summarize_run({"groups_received": 1, "samples_received": 1}, RECORDS, target=0.3)
+    assert out["wall_s"] == pytest.approx(12.0)
+    assert (out["wall_s_to_target"], out["steps_to_target"]) == (pytest.approx(12.0), 2.0)
+    # Version 0 already at the target: 0 s, 0 steps; never reached: NaN.
+    assert py.time_to_target(RECORDS, 0.1) == (0.0, 0.0)
+    assert all(math.isnan(x) for x in py.time_to_target(RECORDS, 0.9))
+    assert math.isnan(py.summarize_run({}, RECORDS)["wall_s_to_target"])  # no --target
