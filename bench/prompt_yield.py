@@ -27,7 +27,7 @@ Per run, from the final buffer snapshot's counters and the actors' lease records
 
 A generation-bound setting (the learner waits on the actors, so yield turns into wall time), e.g.
     python bench/prompt_yield.py --arms dynamo dynamo-skip --seeds 0 1 --steps 60 --target 0.3 \
-        --extra --learner.groups-per-step 2 --task.size 64 --run.eval-every 5 --run.eval-samples 1
+        --extra --learner.groups-per-step 2 --task.size 64 --run.eval-every 5 --run.eval-samples 2
 
 `--simulate` runs the buffer's own leasing (`buffer.state.BufferState`, the arm's allocation and skipping flags)
 without a model: a pool of `--pool` prompts whose success probabilities are fixed per prompt (40% never solved,

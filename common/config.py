@@ -516,7 +516,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
-        _check(self.eval_samples >= 1, "run.eval_samples", "must be >= 1")
+        _check(self.eval_samples >= 2, "run.eval_samples",
+               "must be >= 2 (pass@1 is the greedy score; 1 sample would write its pass@1 under the same key)")
         _check_suite(self.eval_suite)
         _check(self.eval_suite_size >= 0, "run.eval_suite_size", f"must be >= 0, got {self.eval_suite_size}")
         _check(0.0 < self.eval_share <= 1.0, "run.eval_share", "must be in (0, 1]")

@@ -76,3 +76,13 @@ def test_a_saved_config_with_a_renamed_field_still_loads():
 
     cfg = config_from_dict({"task": {"prompt_field": "problem"}})
     assert cfg.task.question_field == "problem"
+
+
+def test_one_eval_sample_is_refused_because_its_pass_at_1_would_overwrite_the_greedy_one():
+    # buffer.evaluation.aggregate writes greedy "eval/pass@1" and sampled f"eval/pass@{k}": with k = 1 the sampled
+    # score would silently replace the greedy one.
+    from common.config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"run\.eval_samples.*greedy"):
+        RunConfig(eval_samples=1)
+    assert RunConfig(eval_samples=2).eval_samples == 2
