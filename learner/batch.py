@@ -168,19 +168,8 @@ def _rows_by_group(rollouts: Rollouts, token_budget: int) -> list[list[int]]:
     return packs + ([pack] if pack else [])
 
 
-def _pad_shared(rollouts: Rollouts, adv: Tensor, rows: list[int]) -> MicroBatch:
-    prompts: dict[bytes, int] = {}
-    owner = [prompts.setdefault(rollouts.prompts[i].tobytes(), len(prompts)) for i in rows]
-    first_row: dict[int, int] = {}
-    for o, i in zip(owner, rows):
-        first_row.setdefault(o, i)
-    firsts = list(first_row.values())  # one row per prompt, in prompt-row order
-    prompt_len = max(len(rollouts.prompts[i]) for i in firsts)
-    prompt_ids = torch.zeros(len(firsts), prompt_len, dtype=torch.long)
-    prompt_mask = torch.zeros(len(firsts), prompt_len, dtype=torch.long)
-    for u, i in enumerate(firsts):
-        prompt_ids[u, :len(rollouts.prompts[i])] = torch.from_numpy(rollouts.prompts[i])
-        prompt_mask[u, :len(rollouts.prompts[i])] = 1
+def _response_grid(rollouts: Rollouts, adv: Tensor, rows: list[int]) -> dict[str, Tensor]:
+    """The [B, R] response grid of a micro-batch (targets, mask, behaviour log-probs) and its per-row fields."""
     resp_len = max(1, max(len(rollouts.responses[i]) for i in rows))
     targets = torch.zeros(len(rows), resp_len, dtype=torch.long)
     mask = torch.zeros(len(rows), resp_len, dtype=torch.bool)
@@ -191,20 +180,35 @@ def _pad_shared(rollouts: Rollouts, adv: Tensor, rows: list[int]) -> MicroBatch:
         mask[b, :r] = True
         behav[b, :r] = torch.from_numpy(rollouts.behav_logprobs[i])
     index = torch.as_tensor(rows, dtype=torch.long)
-    return MicroBatch(targets=targets, mask=mask, behav_logp=behav, adv=adv[index].float(), sample_index=index,
-                      prompt_ids=prompt_ids, prompt_mask=prompt_mask, owner=torch.as_tensor(owner, dtype=torch.long))
+    return dict(targets=targets, mask=mask, behav_logp=behav, adv=adv[index].float(), sample_index=index)
+
+
+def _pad_shared(rollouts: Rollouts, adv: Tensor, rows: list[int]) -> MicroBatch:
+    prompt_row: dict[bytes, int] = {}
+    firsts: list[int] = []  # the first row of each distinct prompt, in prompt-row order
+    owner: list[int] = []
+    for i in rows:
+        key = rollouts.prompts[i].tobytes()
+        if key not in prompt_row:
+            prompt_row[key] = len(firsts)
+            firsts.append(i)
+        owner.append(prompt_row[key])
+    prompt_len = max(len(rollouts.prompts[i]) for i in firsts)
+    prompt_ids = torch.zeros(len(firsts), prompt_len, dtype=torch.long)
+    prompt_mask = torch.zeros(len(firsts), prompt_len, dtype=torch.long)
+    for u, i in enumerate(firsts):
+        prompt_ids[u, :len(rollouts.prompts[i])] = torch.from_numpy(rollouts.prompts[i])
+        prompt_mask[u, :len(rollouts.prompts[i])] = 1
+    return MicroBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, owner=torch.as_tensor(owner, dtype=torch.long),
+                      **_response_grid(rollouts, adv, rows))
 
 
 def _pad_rows(rollouts: Rollouts, adv: Tensor, rows: list[int]) -> MicroBatch:
     seq_len = max(len(rollouts.prompts[i]) + len(rollouts.responses[i]) for i in rows)
     resp_len = max(1, max(len(rollouts.responses[i]) for i in rows))
-    n = len(rows)
-    input_ids = torch.zeros(n, seq_len, dtype=torch.long)
-    attention = torch.zeros(n, seq_len, dtype=torch.long)
-    logit_index = torch.zeros(n, resp_len, dtype=torch.long)
-    targets = torch.zeros(n, resp_len, dtype=torch.long)
-    mask = torch.zeros(n, resp_len, dtype=torch.bool)
-    behav = torch.zeros(n, resp_len, dtype=torch.float32)
+    input_ids = torch.zeros(len(rows), seq_len, dtype=torch.long)
+    attention = torch.zeros(len(rows), seq_len, dtype=torch.long)
+    logit_index = torch.zeros(len(rows), resp_len, dtype=torch.long)
     for b, i in enumerate(rows):
         prompt, response = rollouts.prompts[i], rollouts.responses[i]
         p, r = len(prompt), len(response)
@@ -213,9 +217,5 @@ def _pad_rows(rollouts: Rollouts, adv: Tensor, rows: list[int]) -> MicroBatch:
         attention[b, :p + r] = 1
         # Padding positions point at the last prompt position: a valid index whose value is masked out.
         logit_index[b] = p - 1 + torch.arange(resp_len).clamp(max=max(r - 1, 0))
-        targets[b, :r] = torch.from_numpy(response)
-        mask[b, :r] = True
-        behav[b, :r] = torch.from_numpy(rollouts.behav_logprobs[i])
-    index = torch.as_tensor(rows, dtype=torch.long)
-    return MicroBatch(input_ids=input_ids, attention_mask=attention, logit_index=logit_index, targets=targets,
-                      mask=mask, behav_logp=behav, adv=adv[index].float(), sample_index=index)
+    return MicroBatch(input_ids=input_ids, attention_mask=attention, logit_index=logit_index,
+                      **_response_grid(rollouts, adv, rows))
