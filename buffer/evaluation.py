@@ -12,8 +12,8 @@ into one `eval/*` record, which the server writes to metrics.jsonl with role `ev
 With run.eval_suite the items are the suite's benchmarks (common/suites.py; the first run.eval_suite_size prompts
 of each) instead of the task's held-out split, loaded when the jobs are built (a benchmark that cannot be read
 stops the buffer's start with an error naming it). Each item carries its benchmark (`WorkItem.benchmark`) so the
-actor grades it with the math scorer; the buffer keeps its own item -> benchmark table, so a result's benchmark
-is the one of an item id checked against the lease. The record then also holds `eval/<benchmark>/avg@k`,
+actor grades it with the math scorer; a result counts for the benchmark of the buffer's own prompt record of its
+item id (checked against the lease), never a name the actor sends. The record then also holds `eval/<benchmark>/avg@k`,
 `eval/<benchmark>/pass@k` and greedy `eval/<benchmark>/pass@1`, and their unweighted means `eval/suite/*`,
 computed by common.suites' benchmark_metrics / suite_average as learner.evaluate_suite computes them offline.
 
@@ -134,15 +134,14 @@ def aggregate(outcomes: Iterable[ItemOutcome], k: int, version: int, seconds: fl
 class EvalJobs:
     """Evaluation jobs, their leases and results. Time (`now`, monotonic seconds) is passed in."""
 
-    def __init__(self, cfg: Any, prompts: Iterable[Any] = ()):
+    def __init__(self, cfg: Any, prompts: Iterable[PromptRecord] = ()):
         """`prompts`: the task's held-out prompts; with run.eval_suite the suite's prompts replace them."""
         self.cfg = cfg
         if cfg.run.eval_suite:
             prompts = suite_prompts(cfg.run.eval_suite, cfg.run.eval_suite_size)
-        self.prompts: dict[str, Any] = {p.prompt_id: p for p in prompts}
-        self.benchmark_of: dict[str, str] = {pid: p.benchmark for pid, p in self.prompts.items()
-                                             if getattr(p, "benchmark", "")}
-        self.items: dict[str, tuple[Any, bool]] = {}  # item id -> (prompt, greedy)
+        self.prompts: dict[str, PromptRecord] = {p.prompt_id: p for p in prompts}
+        # item id -> (prompt, greedy); a result's benchmark is its item's prompt's, never one the actor names
+        self.items: dict[str, tuple[PromptRecord, bool]] = {}
         for mode in MODES:
             for pid, p in self.prompts.items():
                 self.items[item_id(mode, pid)] = (p, mode == "greedy")
@@ -222,7 +221,7 @@ class EvalJobs:
         prompt, greedy = self.items[iid]
         return WorkItem(prompt_id=iid, prompt=prompt.question, n=self._n(iid), answer=prompt.answer,
                         metadata_json=prompt.metadata_json, greedy=greedy,
-                        benchmark=self.benchmark_of.get(prompt.prompt_id, ""))
+                        benchmark=prompt.benchmark)
 
     def lease_rows(self, now: float) -> list[dict[str, Any]]:
         """Live evaluation leases as `inspect leases` rows (kind `eval`, the version they evaluate)."""
@@ -306,7 +305,7 @@ class EvalJobs:
             raise Rejection("invalid_versions", f"result.weights_version_min/max: need min <= max <= "
                                                     f"{max_version}, got {lo}, {hi}")
         return lease, ItemOutcome(greedy, tuple(result.correct), tuple(result.rewards), tuple(result.lengths),
-                                  (lo, hi), self.benchmark_of.get(self.items[iid][0].prompt_id, ""))
+                                  (lo, hi), self.items[iid][0].benchmark)
 
     def take_records(self) -> list[tuple[int, dict[str, float]]]:
         records, self.records = self.records, []
