@@ -26,6 +26,7 @@ model and two processes converting at once both end up with a complete copy. The
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 import json
 import os
@@ -96,11 +97,16 @@ def load_model(name: str, *, dtype: Any, device: Any, cache_dir: str | Path | No
 
 def kv_cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """The keyword that hands a KV cache to `model`'s forward: `cache` in newer transformers (where
-    `past_key_values` is deprecated), `past_key_values` before."""
+    `past_key_values` is deprecated), `past_key_values` before. Looked up once per model class (the engine calls
+    this every decode step)."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
     import inspect
 
-    accepts = inspect.signature(type(model).forward).parameters
-    return {"cache" if "cache" in accepts else "past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def resolve_device(device: str) -> str:
