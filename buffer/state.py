@@ -28,8 +28,8 @@ MessagePack payload: `decode_snapshot` refuses any file whose header or checksum
 
 Held-out evaluation (`buffer/evaluation.py`, `self.evals`): a version report posts the job due at that version; a
 lease request gets an evaluation lease instead of training work within run.eval_share of the granted sequences (or
-when training work would wait); evaluation leases share the lease id space and expiry, and the snapshot keeps the
-finished and pending versions.
+when training work would wait, as it always does once the policy version reached learner.total_steps); evaluation
+leases share the lease id space and expiry, and the snapshot keeps the finished and pending versions.
 
 Time is passed in explicitly (`now`, monotonic seconds) so tests can drive expiry without sleeping.
 """
@@ -270,7 +270,11 @@ class BufferState:
         return self.policy_version
 
     def _lease_wait_reason(self) -> str | None:
-        """Why a lease now would grant nothing (`backpressure`, `staleness`), or None if it would grant work."""
+        """Why a lease now would grant nothing (`training_done`, `backpressure`, `staleness`), or None if it would grant
+        work. Once the learner has published its last version (learner.total_steps) no group would ever be trained on:
+        the actors get only the final held-out evaluation, at the whole engine's capacity."""
+        if self.policy_version >= self.cfg.learner.total_steps:
+            return "training_done"
         if len(self.queue) >= self.cfg.buffer.max_queued_groups:
             return "backpressure"
         return "staleness" if self.admission_room() <= 0 else None

@@ -251,3 +251,22 @@ def test_bad_results_are_refused_by_name_and_counted():
         assert stats["eval_results_rejected"]["wrong_n"] == 1
         assert stats["errors"]["invalid_versions"] == 1
         assert stats["eval_pending"] == [0]
+
+
+def test_after_the_last_version_the_actors_get_only_the_final_evaluation():
+    """Once the learner published learner.total_steps no training group would ever be trained on: every lease goes to
+    the final evaluation (not run.eval_share of them), and with nothing left to evaluate the answer is a wait."""
+    cfg = eval_cfg(eval_every=0)  # total_steps 5: the one job is v5's; share 0.5; eval n: greedy 1, sampled 4
+    state = BufferState(cfg, make_prompts(8), eval_prompts=eval_prompts(2))
+    for version in range(1, 5):
+        state.report_version(version)
+    assert state.lease("a0", 1, now=0.0).eval_version == -1  # no job yet: training
+    state.report_version(5)
+    kinds = [(g.eval_version, sum(it.n for it in g.items)) for g in (state.lease("a0", 1, now=0.0) for _ in range(3))]
+    # 2 sequences per lease: both greedy items, then one sampled item each. With share 0.5 the second lease would
+    # have been training work (2 eval of 2 sequences granted > 0.5).
+    assert kinds == [(5, 2), (5, 4), (5, 4)]
+    done = state.lease("a0", 1, now=0.0)
+    assert (done.items, done.wait_reason) == ([], "training_done")
+    assert state.counters.lease_waits == {"training_done": 1}
+    assert state.lease_would_wait(1)
