@@ -290,6 +290,8 @@ def _learner_setup(args: argparse.Namespace, log: PhaseLog):
         overrides["activation_checkpointing"] = True
     if args.separate_prompts:
         overrides["shared_prompt_forward"] = False
+    if args.learner_dtype:
+        overrides["dtype"] = args.learner_dtype
     cfg = with_overrides(PRESETS[args.learner_step](), learner=overrides)
     torch.set_num_threads(args.threads)
     from common.models import load_model
@@ -464,6 +466,8 @@ def add_learner_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learner-step", metavar="PRESET", default="",
                         help="measure the learner process's RSS by phase on this preset (e.g. cpu-demo)")
     parser.add_argument("--steps", type=int, default=3, help="--learner-step: train steps")
+    parser.add_argument("--learner-dtype", choices=["float32", "bfloat16"], default="",
+                        help="--learner-step: override the preset's learner.dtype (compute dtype)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None, help="--learner-step: override the preset's")
     parser.add_argument("--micro-batch-tokens", type=int, default=None, help="--learner-step: override the preset's")
     parser.add_argument("--adamw", choices=("default", "for-loop", "foreach", "fused"), default="default",
