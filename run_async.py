@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     display = ProgressDisplay(run_dir, cfg, quiet=quiet,
                               actors_alive=lambda: sum(a.returncode() is None for a in supervisor.actors))
     display.note(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})")
+    from common.plan import dtype_warnings
+
+    for line in dtype_warnings(cfg):
+        display.note(line)
     supervisor.announce = display.note  # restarts of the buffer and the actors show in the progress output
     stop_requested = _install_signal_handlers()
     outcome = "failed"

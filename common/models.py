@@ -118,6 +118,17 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (x86 AVX512-BF16 or AMX). With them the cpu-demo learner
+    step and engine run ~1.5x faster in bf16 than in float32 (docs/BENCHMARKS.md, "bfloat16 on the CPU"); without
+    them bf16 is emulated and slower. torch exposes the probes only as `torch.cpu._is_*`; a torch without them (or
+    another architecture) counts as no."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if callable(probe))
+
+
 def _cached(final: Path, build: Any) -> Path:
     if final.is_dir():
         return final

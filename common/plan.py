@@ -49,7 +49,7 @@ def plan_lines(cfg: Config) -> list[str]:
     lines += [f"data {line}" for line in data]
     scorer = "last \\boxed{} + math-verify" if task.scorer == "math" or task.source == "hf" else task.source
     lines.append(f"scoring: {scorer}; reward {task.reward_correct:g} correct / {task.reward_wrong:g} wrong")
-    lines += _role_lines(cfg)
+    lines += _role_lines(cfg) + dtype_warnings(cfg)
     lines.append(f"steps: {learner.total_steps} x {learner.groups_per_step} prompts (~{algo.n_mean} responses "
                  f"each, {algo.allocation_mode} allocation in [{algo.n_min}, {algo.n_max}]), "
                  f"{learner.mini_batches} optimizer mini-batch(es) per step, lr {learner.lr:g} "
@@ -57,6 +57,23 @@ def plan_lines(cfg: Config) -> list[str]:
     lines.append(f"generation: up to {actor.max_new_tokens} new tokens, temperature {actor.temperature:g}, "
                  f"top-p {actor.top_p:g}")
     return lines
+
+
+def dtype_warnings(cfg: Config) -> list[str]:
+    """A warning for each role that computes in bfloat16 on a CPU without bf16 instructions (common.models.
+    cpu_has_native_bf16), where float32 is faster: the cpu-demo preset uses bf16 because the CPUs it is measured on
+    have them."""
+    from common.models import cpu_has_native_bf16, resolve_device
+
+    slow = [(f"{role}.dtype", f"--{role}.dtype float32") for role, section in (("actor", cfg.actor),
+                                                                                ("learner", cfg.learner))
+            if section.dtype == "bfloat16" and resolve_device(section.device) == "cpu"
+            and not (role == "actor" and cfg.actor.engine != "hf")]
+    if not slow or cpu_has_native_bf16():
+        return []
+    fields, flags = ", ".join(f for f, _ in slow), " ".join(f for _, f in slow)
+    return [f"warning: {fields} bfloat16 on a CPU without bf16 instructions (no AVX512-BF16 or AMX found): "
+            f"float32 is faster here ({flags})"]
 
 
 def _role_lines(cfg: Config) -> list[str]:

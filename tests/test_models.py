@@ -1,6 +1,7 @@
 """Model loading: the tiny model is built once and bit-identical everywhere; SmolLM2 converts once and reloads fast."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,31 @@ def test_a_name_that_is_neither_a_directory_nor_a_hub_id_is_refused_before_any_c
     with pytest.raises(ModelError, match="a local directory or a valid hub id"):
         resolve_model_path(name, tmp_path / "dynamo")
     assert online_hub.read_text() == "" and not (tmp_path / "hub").exists()  # no lock file, no hub call
+
+
+def test_native_bf16_probe_agrees_with_the_cpu_flags():
+    """cpu_has_native_bf16 is what decides the bf16 warning; on Linux x86 it must agree with the kernel's CPU flags."""
+    from common.models import cpu_has_native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "flags" not in cpuinfo.read_text():
+        pytest.skip("no x86 /proc/cpuinfo flags here")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_a_warning_naming_the_fields(monkeypatch):
+    import common.models
+    from common.config import PRESETS, with_overrides
+    from common.plan import dtype_warnings
+
+    cfg = with_overrides(PRESETS["cpu-demo"](), actor={"dtype": "bfloat16", "device": "cpu"},
+                         learner={"dtype": "bfloat16", "device": "cpu"})
+    monkeypatch.setattr(common.models, "cpu_has_native_bf16", lambda: False)
+    [line] = dtype_warnings(cfg)
+    assert "actor.dtype, learner.dtype bfloat16" in line and "--actor.dtype float32 --learner.dtype float32" in line
+    fp32_learner = with_overrides(cfg, learner={"dtype": "float32"})
+    assert "learner" not in dtype_warnings(fp32_learner)[0]
+    assert dtype_warnings(with_overrides(fp32_learner, actor={"dtype": "float32"})) == []
+    monkeypatch.setattr(common.models, "cpu_has_native_bf16", lambda: True)
+    assert dtype_warnings(cfg) == []
