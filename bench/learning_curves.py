@@ -69,7 +69,8 @@ CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "adora": ("ADORA", ("--algo.allocation-mode", "uniform", "--algo.no-modulation", "--algo.adora")),
     "dynamo-adora": ("DynaMO+ADORA", ("--algo.allocation-mode", "reference", "--algo.modulation", "--algo.adora")),
 }
-"""name -> (label, flags). All runs are async with max_staleness 2."""
+"""name -> (label, flags). All runs are async with max_staleness 2 and no prompt skipping (bench/prompt_yield.py
+measures skipping)."""
 COMPARISONS = [("alloc", "grpo"), ("mod", "grpo"), ("dynamo", "grpo"), ("adora", "grpo"),
                ("dynamo-adora", "dynamo"), ("dynamo-adora", "adora")]
 """(config, the baseline it adds a component to)."""
@@ -83,8 +84,8 @@ def build_specs(preset: str, configs: Sequence[str], seeds: Sequence[int], cores
     specs = []
     for config in configs:
         for seed in seeds:
-            args = (*CONFIGS[config][1], "--algo.max-staleness", "2", "--run.seed", str(seed),
-                    "--actor.threads", str(actor_t), "--learner.threads", str(learner_t))
+            args = (*CONFIGS[config][1], "--algo.no-prompt-skipping", "--algo.max-staleness", "2",
+                    "--run.seed", str(seed), "--actor.threads", str(actor_t), "--learner.threads", str(learner_t))
             specs.append(RunSpec(f"lc-{preset}-{config}-steps{steps or 'preset'}-seed{seed}", args, config, seed))
     return specs
 
