@@ -82,8 +82,8 @@ def build_specs(preset: str, configs: Sequence[str], seeds: Sequence[int], cores
                 steps: int | None) -> list[RunSpec]:
     actor_t, learner_t = split_threads(cores)
     specs = []
-    for config in configs:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a drift of the machine's speed over the session falls on every config alike
+        for config in configs:
             args = (*CONFIGS[config][1], "--algo.no-prompt-skipping", "--algo.max-staleness", "2",
                     "--run.seed", str(seed), "--actor.threads", str(actor_t), "--learner.threads", str(learner_t))
             specs.append(RunSpec(f"lc-{preset}-{config}-steps{steps or 'preset'}-seed{seed}", args, config, seed))
