@@ -81,7 +81,9 @@ class AlgorithmConfig:
     prompt_skipping: bool = False
     """Skip prompts before rollout when their recent groups all had zero reward variance (ALGORITHM §8): a prompt
     with z zero-variance groups in a row and s skips since its last rollout enters a wave with probability
-    p_explore^max(0, z - s). Off by default: no accuracy benchmark has been run with it on."""
+    p_explore^max(0, z - s). Off by default (the cpu-demo preset turns it on to keep its one actor ahead of the
+    learner): in the runs measured so far its accuracy is within noise of the same run without it (docs/BENCHMARKS.md,
+    "Prompt skipping"), which does not show that it never hurts."""
     skip_target_yield: float = 0.75
     """Informative yield (groups with reward variance / generated groups) that the adaptive p_explore steers to."""
     skip_explore_init: float = 0.5
