@@ -60,9 +60,9 @@ def plan_lines(cfg: Config) -> list[str]:
 
 
 def dtype_warnings(cfg: Config) -> list[str]:
-    """A warning for each role that computes in bfloat16 on a CPU without bf16 instructions (common.models.
-    cpu_has_native_bf16), where float32 is faster: the cpu-demo preset uses bf16 because the CPUs it is measured on
-    have them."""
+    """One warning line naming the roles (HF actor engine, learner) that compute in bfloat16 on a CPU without bf16
+    instructions (common.models.cpu_has_native_bf16), where float32 is faster; none otherwise. The cpu-demo preset
+    uses bf16 because the CPUs it is measured on have them."""
     from common.models import cpu_has_native_bf16, resolve_device
 
     slow = [(f"{role}.dtype", f"--{role}.dtype float32") for role, section in (("actor", cfg.actor),
