@@ -250,6 +250,18 @@ class EvalJobs:
             del self.leases[lease.lease_id]
         return len(expired)
 
+    def rollback(self, version: int) -> int:
+        """The learner went back to `version` (resumed from an older checkpoint): pending jobs of later versions
+        evaluate weights that no longer exist (an actor would wait for them while training starves); drop them and
+        their leases (a late result is refused as an unknown lease). Each is posted again when the learner reaches
+        its version. Finished versions stay finished. Returns the number of jobs dropped."""
+        dropped = [v for v in self.jobs if v > version]
+        for v in dropped:
+            del self.jobs[v]
+        for lease_id in [lid for lid, lease in self.leases.items() if lease.version > version]:
+            del self.leases[lease_id]
+        return len(dropped)
+
     def _put_back(self, lease: EvalLease, item_ids: list[str]) -> None:
         for iid in item_ids:
             lease.open.pop(iid, None)

@@ -421,6 +421,7 @@ class BufferState:
             c = self.counters
             discarded = (self.policy_version - version) * self.cfg.learner.groups_per_step
             c.groups_served_discarded += min(discarded, c.groups_served - c.groups_served_discarded)
+            self.evals.rollback(version)
         self.policy_version = version
         self.evals.on_version(version, now)
 

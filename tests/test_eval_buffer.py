@@ -14,7 +14,7 @@ import pytest
 from buffer.client import BufferClient, BufferRejected
 from buffer.evaluation import ItemOutcome, aggregate
 from buffer.server import BufferServer
-from buffer.state import BufferState, PromptRecord, decode_snapshot, encode_snapshot
+from buffer.state import BufferState, PromptRecord, Rejection, decode_snapshot, encode_snapshot
 from common.config import with_overrides
 from common.metrics import read_metrics
 from common.schemas import EvalResult
@@ -270,3 +270,26 @@ def test_after_the_last_version_the_actors_get_only_the_final_evaluation():
     assert (done.items, done.wait_reason) == ([], "training_done")
     assert state.counters.lease_waits == {"training_done": 1}
     assert state.lease_would_wait(1)
+
+
+def test_a_rollback_drops_pending_evaluations_of_discarded_versions_and_posts_them_again_later():
+    """A learner resumed from an older checkpoint: a pending job of a later version would have the actors wait for
+    weights that no longer exist (and take leases ahead of training); it is dropped, with its leases, and posted
+    again when the learner reaches that version."""
+    cfg = eval_cfg(eval_every=5)  # total_steps 5 -> 20 below; jobs at 5, 10, ...
+    cfg = with_overrides(cfg, learner={"total_steps": 20})
+    state = BufferState(cfg, make_prompts(8), eval_prompts=eval_prompts(2))
+    for version in range(1, 11):
+        state.report_version(version)
+    grants = [state.lease("a0", 1, now=0.0) for _ in range(12)]
+    late = next(g for g in grants if g.eval_version == 10)  # v5's items went first, then v10's
+    assert set(state.evals.jobs) == {5, 10}
+    state.report_version(7, rollback=True)
+    assert set(state.evals.jobs) == {5}  # v5 was evaluated with weights the learner still builds on: kept
+    assert all(lease.version <= 7 for lease in state.evals.leases.values())
+    with pytest.raises(Rejection, match="not a live evaluation lease"):
+        state.submit_eval(late.lease_id, result(late.items[0], [True] * late.items[0].n), now=0.0)
+    assert all(g.eval_version != 10 for g in (state.lease("a0", 1, now=0.0) for _ in range(6)))
+    for version in (8, 9, 10):
+        state.report_version(version)
+    assert set(state.evals.jobs) == {5, 10}
