@@ -102,7 +102,9 @@ def produce(address: str, producer_id: int, n_groups: int, dup_every: int) -> di
 @pytest.mark.slow
 def test_load_8_producers_20k_groups_all_accounted(tmp_path: Path):
     n_producers, per_producer, dup_every = 8, 2500, 50
-    with server_process(tmp_path, "--learner.groups-per-step", "64", "--algo.max-staleness", "2",
+    # ~310 versions are reported below: total_steps above that (at total_steps the buffer stops granting training)
+    with server_process(tmp_path, "--learner.groups-per-step", "64", "--learner.total-steps", "100000",
+                        "--algo.max-staleness", "2",
                         "--algo.allocation-mode", "uniform", "--algo.n-mean", "2", "--algo.n-min", "2",
                         "--algo.n-max", "2", "--buffer.wave-size", "16") as (_, address, _):
         producers = [subprocess.Popen([sys.executable, __file__, address, str(i), str(per_producer), str(dup_every)],
