@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -82,16 +83,49 @@ class RoleProcess:
             return "(no log)"
 
 
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PICK = 15000  # below this sit many services' well-known ports (8000, 8080, 9090, ...)
+_picked: set[int] = set()
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out for `bind(0)` and outgoing connections (Linux's default when unreadable)."""
+    try:
+        low, high = (int(part) for part in _EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    """A TCP port on 127.0.0.1 that is free now and outside the kernel's ephemeral range.
+
+    A port the OS picked with `bind(0)` is ephemeral: between this pick and the bind that uses it, any outgoing
+    connection or `bind(0)` may take it (gloo's pair sockets and NCCL's bootstrap do exactly that while a process
+    group forms), and the later bind fails with "Address already in use". A port below the ephemeral range is only
+    ever taken by an explicit bind. This process never returns the same port twice; processes that pick at the same
+    moment draw at random from ~17,000 ports, and a port already bound is skipped. Falls back to `bind(0)` where the
+    ephemeral range leaves no room below or above it."""
+    low, high = ephemeral_port_range()
+    span = range(_LOWEST_PICK, low) if low - _LOWEST_PICK >= 1000 else range(high + 1, 65536)
+    if len(span) >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.choice(span)
+            if port not in _picked and not port_in_use("127.0.0.1", port, reuse=False):
+                _picked.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int, reuse: bool = True) -> bool:
+    """Whether binding `port` fails; with `reuse` (SO_REUSEADDR) a port held only by closed connections in
+    TIME_WAIT counts as free, as it is for a server socket that sets the option."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host if host not in ("*", "0.0.0.0") else "0.0.0.0", port))
         except OSError:

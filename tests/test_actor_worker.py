@@ -12,7 +12,6 @@ import contextlib
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,23 +23,18 @@ import pytest
 from actor.worker import BUFFER_TIMEOUT_S, LEASE_WAIT_S
 from buffer.client import BufferClient
 from common.config import PRESETS, save_config, with_overrides
+from common.processes import free_port
 from common.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _config(tmp_path: Path, **sections):
     # No held-out prompts: these tests follow training leases (evaluation leases: tests/test_eval_actor.py).
     base = with_overrides(PRESETS["tiny"](), run={"wandb_mode": "disabled"}, task={"eval_size": 0},
-                          learner={"sync_address": f"127.0.0.1:{_free_port()}",
-                                   "sync_control_address": f"tcp://127.0.0.1:{_free_port()}"})
+                          learner={"sync_address": f"127.0.0.1:{free_port()}",
+                                   "sync_control_address": f"tcp://127.0.0.1:{free_port()}"})
     return with_overrides(base, **sections) if sections else base
 
 
@@ -246,7 +240,7 @@ def test_engine_error_releases_the_lease_and_the_actor_goes_on(tmp_path, monkeyp
 
 
 def test_actor_reconnects_after_a_buffer_restart(tmp_path):
-    cfg = _config(tmp_path, buffer={"address": f"tcp://127.0.0.1:{_free_port()}"})
+    cfg = _config(tmp_path, buffer={"address": f"tcp://127.0.0.1:{free_port()}"})
     config_file = tmp_path / "config.json"
     save_config(cfg, config_file)
     argv = [sys.executable, "-m", "buffer.server", "--config-file", str(config_file)]

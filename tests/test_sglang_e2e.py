@@ -33,7 +33,7 @@ class Double:
     """One tests/sglang_double.py process on a fixed port (so a replacement can take the same URL)."""
 
     def __init__(self, log_dir: Path, port: int | None = None, *args: str):
-        from actor.engines.sglang import free_port
+        from common.processes import free_port
 
         self.port = port or free_port()
         self.log_dir, self.args, self.proc = log_dir, args, None

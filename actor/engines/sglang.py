@@ -46,7 +46,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -370,12 +369,6 @@ def sync_backend(cfg: Any) -> str:
     return "nccl" if resolve_device(cfg.learner.device).startswith("cuda") else "gloo"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------- engine
 
 
@@ -417,6 +410,7 @@ class SGLangEngine:
             servers = [SGLangServer(slot.url) for slot in slots]
         else:
             from common.models import resolve_model_path
+            from common.processes import free_port
 
             port = free_port()
             log_path = os.path.join(log_dir, f"sglang{actor_index}.log") if log_dir else None
