@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [RunSpec(f"py-{args.preset}-{args.task}-{arm}-steps{args.steps or 'preset'}-seed{seed}",
                      (*ARMS[arm][1], *task, "--run.seed", str(seed), "--actor.threads", str(actor_t),
                       "--learner.threads", str(learner_t)), arm, seed)
-             for arm in args.arms for seed in args.seeds]
+             for seed in args.seeds for arm in args.arms]  # seed-major: drift of the machine falls on every arm
     try:
         dirs = run_all(specs, args.preset, runs_dir, args.steps, args.extra, args.timeout_s)
     except RunFailed as exc:
