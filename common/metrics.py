@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,7 +39,11 @@ class MetricsLogger:
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: see _write_line
         self._wandb = None
         if wandb_mode != "disabled" and run_dir:
-            self._wandb = _init_wandb(Path(run_dir), role, wandb_mode, wandb_project, config)
+            try:
+                self._wandb = _init_wandb(Path(run_dir), role, wandb_mode, wandb_project, config)
+            except ImportError as exc:  # a missing logging backend must not stop a role: metrics.jsonl still holds all
+                print(f"{role}: wandb could not be imported ({exc}); metrics go to {self.path} only "
+                      "(install wandb, or pass --run.wandb-mode disabled)", file=sys.stderr, flush=True)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Write one record; non-finite floats become null in JSON (and are skipped for wandb)."""

@@ -49,6 +49,8 @@ def main() -> None:
     from learner.step import build_state
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # torch.cuda.set_device refuses a bare "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_one_rank(device)

@@ -47,7 +47,7 @@ summary gpu_tests "$([ $code = 0 ] && echo ok || echo FAIL)" "($(tail -n 1 "$WOR
 
 # 2. the tiny preset end to end, learner and HF actor on the GPU
 timeout 240 $PY run_async.py --preset tiny --run.runs-dir "$WORK/runs" --run.name tiny-gpu \
-    --learner.device cuda --actor.device cuda --learner.total-steps 20 --run.eval-every 10 \
+    --learner.device cuda --actor.device cuda --learner.total-steps 20 --run.eval-every 10 --run.wandb-mode disabled \
     > "$WORK/tiny.log" 2>&1
 code=$?
 tail -n 3 "$WORK/tiny.log"

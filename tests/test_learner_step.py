@@ -233,7 +233,8 @@ def test_step_on_one_gpu_matches_the_cpu_reference():
     cfg = with_overrides(make_cfg(), learner={"device": "cuda"})
     behav = lambda p, r: model_logprobs(model, p, r, cfg.actor.temperature)  # noqa: E731
     expected = reference_loss(model, groups, cfg, behav)
+    batch = make_batch(groups, behav=behav)  # behaviour log-probs from the CPU model, before it moves
     state = build_state(model.cuda(), cfg.learner)
-    metrics = train_step(state, make_batch(groups, behav=behav), cfg)
+    metrics = train_step(state, batch, cfg)
     assert metrics["loss/policy"] == pytest.approx(expected, abs=1e-4)
     assert metrics["perf/peak_memory_mb"] > 0 and state.version == 1

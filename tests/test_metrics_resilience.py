@@ -132,3 +132,14 @@ def test_writer_after_a_torn_line_of_another_writer_starts_on_a_new_line(tmp_pat
     logger.close()
     records, skipped = read_metrics_counted(path)
     assert [r["step"] for r in records] == [1, 2, 3] and skipped == 2
+
+
+def test_a_role_without_wandb_installed_still_logs_to_metrics_jsonl(tmp_path, monkeypatch, capsys):
+    """wandb_mode "offline" on a host without wandb (a GPU node with only the core packages): warn, keep logging."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    logger = MetricsLogger(tmp_path, "buffer", wandb_mode="offline")
+    logger.log(3, {"buffer/groups": 7})
+    logger.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["role"], r["step"], r["buffer/groups"]) for r in records] == [("buffer", 3, 7)]
+    assert "wandb could not be imported" in capsys.readouterr().err
