@@ -55,13 +55,14 @@ def test_local_directory_loads_like_a_named_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_converts_once_then_loads_fast_and_answers():
-    # Uses the shared cache (~/.cache/dynamo-rl or $DYNAMO_RL_CACHE): the first run converts (~30 s).
-    resolve_model_path("smollm2")
+def test_smollm2_converts_once_then_loads_fast_and_answers(tmp_path):
+    # A cache of its own, so the GGUF conversion of a clean install runs every time (~30 s): with the shared cache
+    # built once, a missing conversion requirement (transformers reads GGUF only with accelerate) went unnoticed.
+    resolve_model_path("smollm2", tmp_path)
     start = time.monotonic()
-    model = load_model("smollm2", dtype=torch.float32, device="cpu")
+    model = load_model("smollm2", dtype=torch.float32, device="cpu", cache_dir=tmp_path)
     assert time.monotonic() - start < 5.0
-    tok = load_tokenizer("smollm2")
+    tok = load_tokenizer("smollm2", cache_dir=tmp_path)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
