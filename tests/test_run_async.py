@@ -65,22 +65,31 @@ def _assert_accounted(counters: dict) -> None:
                                            + counters["groups_zero_variance"] + counters["queue_depth"])
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 360) -> None:
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 360,
+                   poll_s: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run exited early"
         path = run_dir / "metrics.jsonl"
         if path.exists() and any(r["step"] >= step for r in read_metrics(path, role="learner")):
             return
-        time.sleep(0.5)
+        time.sleep(poll_s)
     raise AssertionError(f"learner did not reach step {step} in {timeout} s")
 
 
-def _role_pid(run_dir: Path, module: str) -> int:
-    pids = [p for p in _processes_mentioning(str(run_dir)) if module in (Path("/proc") / str(p) / "cmdline")
-            .read_bytes().decode(errors="replace")]
-    assert len(pids) == 1, f"expected one {module} process, found {pids}"
-    return pids[0]
+def _wait_for_role_pid(run_dir: Path, module: str, proc: subprocess.Popen, timeout: float = 240) -> int:
+    """The pid of the one process running `module`, once it exists: looked up before a kill is due, so that the
+    kill follows the awaited step by one poll, not by a scan of /proc (tiny-preset steps take a fraction of a second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run exited early"
+        pids = [p for p in _processes_mentioning(str(run_dir))
+                if module in (Path("/proc") / str(p) / "cmdline").read_bytes().decode(errors="replace")]
+        if len(pids) == 1:
+            return pids[0]
+        assert len(pids) < 2, f"expected one {module} process, found {pids}"
+        time.sleep(0.2)
+    raise AssertionError(f"no {module} process within {timeout} s")
 
 
 def _kill_while_holding_a_lease(run_dir: Path, pid: int, timeout: float = 60) -> None:
@@ -114,8 +123,8 @@ def _kill_role_mid_run(cmd: list[str], run_dir: Path, module: str, at_step: int,
     Returns the run's exit status, its output and the wall-clock time of the kill."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_step(run_dir, at_step, proc)
-        pid = _role_pid(run_dir, module)
+        pid = _wait_for_role_pid(run_dir, module, proc)
+        _wait_for_step(run_dir, at_step, proc, poll_s=0.05)
         if holding_lease:
             _kill_while_holding_a_lease(run_dir, pid)
         else:
@@ -172,15 +181,17 @@ def test_actor_killed_is_restarted_and_its_lease_reissued(tmp_path):
 
 def test_learner_killed_stops_the_run_and_resume_continues_with_the_same_statistics(tmp_path):
     run_dir = tmp_path / "kill-learner"
-    cmd = _command(tmp_path, "kill-learner", "--learner.total-steps", "14", "--learner.checkpoint-every", "5")
-    returncode, out, _ = _kill_role_mid_run(cmd, run_dir, "learner.train", at_step=7, timeout=120)
+    # The kill lands a step or two after step 8 (the learner keeps stepping while the test reads metrics.jsonl); the
+    # next checkpoint after 7 is 14, the end, so the resumed run always has steps to train and groups to generate.
+    cmd = _command(tmp_path, "kill-learner", "--learner.total-steps", "14", "--learner.checkpoint-every", "7")
+    returncode, out, _ = _kill_role_mid_run(cmd, run_dir, "learner.train", at_step=8, timeout=120)
     assert returncode == 1, out
     assert "learner exited with status -9" in out and str(run_dir / "logs" / "learner.log") in out
     assert _processes_mentioning(str(run_dir)) == []
     before = decode_snapshot((run_dir / "buffer_snapshot.msgpack").read_bytes())
     seen_before = {pid: stats.total_samples for pid, stats in before.stats.items()}
-    # Checkpoints every 5 steps: the newest one the killed run left (5 or 10, depending on when the kill landed).
     checkpoint_version = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert checkpoint_version == 7
     # A disk that filled up mid-record left a torn line; --resume reads it at its first progress tick and in its
     # final report, and the resumed learner appends after it.
     with open(run_dir / "metrics.jsonl", "a") as fh:

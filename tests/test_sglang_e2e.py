@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from common.metrics import read_metrics
-from tests.test_run_async import (PORTS, _assert_accounted, _final_counters, _processes_mentioning, _role_pid,
-                                  rollout_reward_first_and_last_fifth)
+from tests.test_run_async import (PORTS, _assert_accounted, _final_counters, _processes_mentioning,
+                                  _wait_for_role_pid, rollout_reward_first_and_last_fifth)
 
 # Minutes each on a busy 2-core machine (every run starts five Python processes that import torch).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -179,12 +179,15 @@ def test_failed_bucket_ends_the_session_and_later_versions_arrive(tmp_path, doub
 def test_learner_killed_and_resumed_resends_versions_the_server_already_holds(tmp_path, doubles):
     server = doubles().start().wait_up()
     run_dir = tmp_path / "kill-learner"
+    # Checkpoints at 6 and 12 (the end): a kill that lands a few steps after step 7 leaves the server a version
+    # newer than the newest checkpoint, however far the learner got while the test read metrics.jsonl.
     cmd = _command(tmp_path, "kill-learner", [server.url], "--learner.total-steps", "12",
-                   "--learner.checkpoint-every", "4")
+                   "--learner.checkpoint-every", "6")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_until(_reached_step(run_dir, 6), 480, "learner step 6", proc)
-        os.kill(_role_pid(run_dir, "learner.train"), signal.SIGKILL)
+        pid = _wait_for_role_pid(run_dir, "learner.train", proc, timeout=480)
+        _wait_until(_reached_step(run_dir, 7), 480, "learner step 7", proc)
+        os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
