@@ -65,31 +65,35 @@ def _assert_accounted(counters: dict) -> None:
                                            + counters["groups_zero_variance"] + counters["queue_depth"])
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 360,
-                   poll_s: float = 0.5) -> None:
+def _wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll_s: float = 0.2):
+    """predicate()'s first truthy value, polled every poll_s seconds; fails if `proc` exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run exited early"
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(r["step"] >= step for r in read_metrics(path, role="learner")):
-            return
+        if proc is not None:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run exited early"
+        if value := predicate():
+            return value
         time.sleep(poll_s)
-    raise AssertionError(f"learner did not reach step {step} in {timeout} s")
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 360,
+                   poll_s: float = 0.5) -> None:
+    path = run_dir / "metrics.jsonl"
+    _wait_until(lambda: path.exists() and any(r["step"] >= step for r in read_metrics(path, role="learner")),
+                timeout, f"learner step {step}", proc, poll_s)
 
 
 def _wait_for_role_pid(run_dir: Path, module: str, proc: subprocess.Popen, timeout: float = 240) -> int:
     """The pid of the one process running `module`, once it exists: looked up before a kill is due, so that the
     kill follows the awaited step by one poll, not by a scan of /proc (tiny-preset steps take a fraction of a second)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run exited early"
+    def one_pid() -> int | None:
         pids = [p for p in _processes_mentioning(str(run_dir))
                 if module in (Path("/proc") / str(p) / "cmdline").read_bytes().decode(errors="replace")]
-        if len(pids) == 1:
-            return pids[0]
         assert len(pids) < 2, f"expected one {module} process, found {pids}"
-        time.sleep(0.2)
-    raise AssertionError(f"no {module} process within {timeout} s")
+        return pids[0] if pids else None
+
+    return _wait_until(one_pid, timeout, f"a {module} process", proc)
 
 
 def _kill_while_holding_a_lease(run_dir: Path, pid: int, timeout: float = 60) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from common.metrics import read_metrics
 from tests.test_run_async import (PORTS, _assert_accounted, _final_counters, _processes_mentioning,
-                                  _wait_for_role_pid, rollout_reward_first_and_last_fifth)
+                                  _wait_for_role_pid, _wait_until, rollout_reward_first_and_last_fifth)
 
 # Minutes each on a busy 2-core machine (every run starts five Python processes that import torch).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -93,17 +93,6 @@ def _command(runs_dir: Path, name: str, urls: list[str], *extra: str) -> list[st
 def _learner_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", role="learner") if r.get("loss/policy")
             is not None]
-
-
-def _wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run exited early"
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def _reached_step(run_dir: Path, step: int):
