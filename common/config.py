@@ -398,9 +398,12 @@ class LearnerConfig:
     total_steps: int = 40
     """Learner steps in the run."""
     lr: float = 2e-5
-    """AdamW learning rate (constant after warm-up)."""
+    """AdamW learning rate (after warm-up; see lr_final_ratio)."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
+    lr_final_ratio: float = 1.0
+    """Learning rate of the last step as a fraction of `lr`: after warm-up the rate follows a half cosine from `lr`
+    down to `lr_final_ratio` x `lr` at step `total_steps` (1.0: constant after warm-up)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -459,6 +462,8 @@ class LearnerConfig:
         _check(self.total_steps >= 1, "learner.total_steps", "must be >= 1")
         _check(self.lr > 0, "learner.lr", f"must be > 0, got {self.lr}")
         _check(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
+        _check(0 <= self.lr_final_ratio <= 1, "learner.lr_final_ratio",
+               f"must be in [0, 1], got {self.lr_final_ratio}")
         _check(self.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
         _check(self.checkpoint_every >= 0, "learner.checkpoint_every", "must be >= 0")

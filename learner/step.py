@@ -136,8 +136,23 @@ class LearnerState:
     """Where the forward and backward passes run (sharded weights may live in host memory: learner.cpu_offload)."""
 
 
+def lr_factor(step: int, cfg: LearnerConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based: the step that makes version step + 1) over `cfg.lr`.
+
+    Linear warm-up: (step + 1) / warmup_steps for the first warmup_steps steps. Then a half cosine from 1 at the
+    first step after warm-up to lr_final_ratio at the last step (total_steps - 1), held there if a run goes on:
+    r + (1 - r) (1 + cos(pi p)) / 2 with p = (step - warmup_steps) / (total_steps - 1 - warmup_steps); a run with
+    at most one step after warm-up trains at lr."""
+    warmup, ratio = cfg.warmup_steps, cfg.lr_final_ratio
+    if step < warmup:
+        return (step + 1) / warmup
+    span = cfg.total_steps - 1 - warmup
+    progress = min(1.0, (step - warmup) / span) if span > 0 else 0.0
+    return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_state(model: nn.Module, cfg: LearnerConfig, sharded: bool = False) -> LearnerState:
-    """AdamW with a linear warm-up over `warmup_steps` learner steps, then a constant learning rate.
+    """AdamW with the learning-rate schedule of `lr_factor`.
 
     `sharded`: fully_shard the model over every rank of the default process group first (learner/sharding.py), so
     that AdamW holds this rank's shards; `cfg.activation_checkpointing` applies either way."""
@@ -148,9 +163,7 @@ def build_state(model: nn.Module, cfg: LearnerConfig, sharded: bool = False) -> 
     policy = ResponseLogits(model, cfg.loss_chunk_tokens)
     prepare_policy(policy, cfg, device, sharded)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     return LearnerState(model=model, policy=policy, optimizer=optimizer, scheduler=scheduler, sharded=sharded,
                         device=device)
 

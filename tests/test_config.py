@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (PRESETS, AlgorithmConfig, Config, ConfigError, config_from_dict, config_to_dict,
-                           load_config, parse_cli, save_config)
+from common.config import (PRESETS, AlgorithmConfig, Config, ConfigError, LearnerConfig, config_from_dict,
+                           config_to_dict, load_config, parse_cli, save_config)
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,12 @@ def test_presets_validate_and_round_trip(name, tmp_path):
 def test_invalid_algorithm_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         AlgorithmConfig(**kwargs)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_a_final_learning_rate_ratio_outside_0_1_names_the_field(ratio):
+    with pytest.raises(ConfigError, match=r"learner\.lr_final_ratio"):
+        LearnerConfig(lr_final_ratio=ratio)
 
 
 def test_cli_overrides_preset_fields():

@@ -226,6 +226,21 @@ def test_later_mini_batches_use_the_step_start_weights_as_pi_prox():
     assert abs(metrics["loss/ratio/token_mean"] - 1.0) > 1e-4
 
 
+def test_learning_rate_warms_up_then_follows_a_half_cosine_down_to_the_final_ratio():
+    """warmup 1, 5 steps, final ratio 0.1, lr 1e-2. By hand: step 0 is warm-up (1/1); then p = 0, 1/3, 2/3, 1 over
+    steps 1..4: 0.1 + 0.9 (1 + cos(pi p)) / 2 = 1, 0.775, 0.325, 0.1; a sixth step stays at 0.1."""
+    torch.set_num_threads(1)
+    model = tiny_model(seed=3)
+    cfg = with_overrides(make_cfg(), learner={"warmup_steps": 1, "total_steps": 5, "lr_final_ratio": 0.1})
+    state = build_state(model, cfg.learner)
+    rates = [train_step(state, make_batch(example_groups(seed=s)), cfg)["optim/lr"] for s in range(6)]
+    assert rates == pytest.approx([1e-2, 1e-2, 7.75e-3, 3.25e-3, 1e-3, 1e-3], rel=1e-9)
+    constant = with_overrides(make_cfg(), learner={"warmup_steps": 2, "total_steps": 5})
+    state = build_state(tiny_model(seed=3), constant.learner)
+    rates = [train_step(state, make_batch(example_groups(seed=s)), constant)["optim/lr"] for s in range(4)]
+    assert rates == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2], rel=1e-9)  # the default ratio 1.0: constant after warm-up
+
+
 @pytest.mark.gpu
 def test_step_on_one_gpu_matches_the_cpu_reference():
     model = tiny_model()
