@@ -185,11 +185,11 @@ class TaskConfig:
     params_json: str = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
     """reasoning-gym dataset parameters as a JSON object."""
     size: int = 256
-    """Training prompts: how many reasoning_gym / procedural generate; with source = jsonl or hf, the most training
-    rows kept (a seeded sample, in file order; 0 keeps every row)."""
+    """Training prompts: how many reasoning_gym / procedural draw (skipping held-out questions); with source = jsonl
+    or hf, the most training rows kept (a seeded sample, in file order; 0 keeps every row)."""
     eval_size: int = 64
-    """Held-out evaluation prompts (disjoint seed); with source = hf, the most evaluation prompts kept (a seeded
-    sample of the evaluation split)."""
+    """Held-out evaluation prompts (generated tasks: another seed, no question twice, none trained on); with
+    source = hf, the most evaluation prompts kept (a seeded sample of the evaluation split)."""
     seed: int = 0
     """Seed of the procedural dataset (training uses seed, evaluation seed + 1_000_003)."""
     path: str = ""

@@ -2,13 +2,14 @@
 
 Sources (`TaskConfig.source`):
 - `reasoning_gym`: a reasoning-gym dataset by name with `params_json`; training prompts use `task.seed`, evaluation
-  prompts the disjoint seed `task.seed + 1_000_003`. Ids are `f"{name}-{split}-{index}"`, so every process that
-  loads the same config gets the same prompts under the same ids. Scored by the dataset's own `score_answer` on the
-  answer extracted from the response.
-- `procedural`: small built-in generators (`PROCEDURAL_TASKS`), seeded and id'd like reasoning-gym, scored by exact
-  match of the extracted answer. `larger_digit` ("Which is larger, 3 or 8?" -> "8") is the `tiny` preset's task:
-  its answers are skewed (9 is the answer of 19% of pairs, 0 of 1%), so even a random tiny model learns first the
-  answer format, then the frequent answers, then the comparison, and per-prompt success is very uneven.
+  prompts the seed `task.seed + 1_000_003`; held-out questions never repeat, and training draws skip them (`_draw`:
+  small tasks repeat questions). Ids are `f"{name}-{split}-{index of the draw}"`, so every process that loads the
+  same config gets the same prompts under the same ids. Scored by the dataset's own `score_answer` on the answer
+  extracted from the response.
+- `procedural`: small built-in generators (`PROCEDURAL_TASKS`), seeded, id'd and held out like reasoning-gym, scored
+  by exact match of the extracted answer. `larger_digit` ("Which is larger, 3 or 8?" -> "8") is the `tiny` preset's
+  task: its answers are skewed (9 is the answer of 19% of pairs, 0 of 1%), so even a random tiny model learns first
+  the answer format, then the frequent answers, then the comparison, and per-prompt success is very uneven.
 - `jsonl`: a local .jsonl/.json/.parquet file read with `datasets`; `question_field`/`answer_field` name the
   columns (default `prompt`/`answer`). A seeded permutation holds out `eval_fraction` of the rows (eval_size does
   not apply); training keeps at most `size` of the others (a seeded sample; size 0: all of them). Ids are `f"{file stem}-{split}-{row index in the file}"`. Graded with
@@ -49,6 +50,7 @@ from common.config import TaskConfig
 
 Split = Literal["train", "eval"]
 EVAL_SEED_OFFSET = 1_000_003
+_DRAW_LIMIT = 64
 
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -82,11 +84,48 @@ def load_prompts(task: TaskConfig, split: Split) -> list[Prompt]:
             _log.warning("%s (%s): %d row(s) skipped, e.g. %s", loaded.name, loaded.split, len(loaded.skipped),
                          "; ".join(loaded.skipped[:3]))
         return loaded.prompts
-    size = task.size if split == "train" else task.eval_size
-    seed = task.seed if split == "train" else task.seed + EVAL_SEED_OFFSET
+    held_out = _draw(task, "eval", task.eval_size, set(), distinct=True)
+    if split == "eval":
+        return held_out
+    return _draw(task, "train", task.size, {p.question for p in held_out}, distinct=False)
+
+
+def _generate(task: TaskConfig, split: Split, size: int, seed: int) -> list[Prompt]:
+    """The first `size` prompts a generated task draws from `seed`; a longer draw starts with a shorter one's."""
     if task.source == "procedural":
         return _load_procedural(task, split, size, seed)
     return _load_reasoning_gym(task, split, size, seed)
+
+
+def _draw(task: TaskConfig, split: Split, count: int, excluded: set[str], distinct: bool) -> list[Prompt]:
+    """The first `count` draws of `split`'s seed whose question is not in `excluded` (with `distinct`, nor an earlier
+    draw's).
+
+    Small generated tasks repeat questions: 2-term 1-digit arithmetic has ~1,900 distinct ones, so seeds alone put
+    6 of cpu-demo's 64 held-out questions among its 256 training prompts (40 of 64 with 2,048) and 5 twice in the
+    held-out set. The held-out set is drawn first, without repeats, and depends only on the task, its seed and
+    eval_size; training draws skip its questions (they may repeat each other). An id keeps its draw's index, so ids
+    can have gaps. Draws grow by doubling up to `_DRAW_LIMIT` × count; a task with too few questions left raises
+    TaskError."""
+    if count == 0:
+        return []
+    seed = task.seed if split == "train" else task.seed + EVAL_SEED_OFFSET
+    excluded, chosen, drawn, size = set(excluded), [], 0, count
+    while True:
+        for prompt in _generate(task, split, size, seed)[drawn:]:
+            if prompt.question not in excluded:
+                chosen.append(prompt)
+                if distinct:
+                    excluded.add(prompt.question)
+                if len(chosen) == count:
+                    return chosen
+        drawn = size
+        if size >= _DRAW_LIMIT * count:
+            which = "task.size" if split == "train" else "task.eval_size"
+            wanted = "outside the held-out set" if split == "train" else "without repeats"
+            raise TaskError(f"{which}={count}: {task.name} gave only {len(chosen)} {split} questions {wanted} in "
+                            f"{size} draws; lower task.eval_size or task.size")
+        size = min(2 * size, _DRAW_LIMIT * count)
 
 
 def _load_reasoning_gym(task: TaskConfig, split: Split, size: int, seed: int) -> list[Prompt]:

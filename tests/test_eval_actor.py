@@ -118,9 +118,10 @@ def test_learner_greedy_responses_equal_the_hf_engines_greedy_responses():
     greedy = SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=stop_token_ids_of(tokenizer, model))
     samples = [group[0] for group in engine.generate(ids, [1] * len(ids), greedy)]
     engine_side = [s.token_ids.tolist()[: len(s.token_ids) - (s.finish_reason == "stop")] for s in samples]
-    # With these weights prompt 1 answers [37, 37, 0, 12] (a pad id inside the response) and prompt 9 stops after
-    # three tokens.
-    assert engine_side[1] == [37, 37, 0, 12] and samples[9].finish_reason == "stop"
+    # What makes the comparison worth making: with these weights some responses hold the pad id (e.g. [0, 7, 9, 54])
+    # and one stops after three tokens.
+    assert any(tokenizer.pad_token_id in response for response in engine_side)
+    assert sum(s.finish_reason == "stop" for s in samples) == 1
     assert learner_side == engine_side
 
 

@@ -38,10 +38,41 @@ def test_extract_answer(text, expected):
 def test_reasoning_gym_prompts_are_reproducible_with_disjoint_eval():
     train, again, held_out = load_prompts(ARITH, "train"), load_prompts(ARITH, "train"), load_prompts(ARITH, "eval")
     assert train == again
-    assert [p.prompt_id for p in train] == [f"basic_arithmetic-train-{i}" for i in range(12)]
+    assert len(train) == 12 and all(p.prompt_id.startswith("basic_arithmetic-train-") for p in train)
     assert len(held_out) == 6 and held_out[0].prompt_id == "basic_arithmetic-eval-0"
-    assert {p.question for p in train} != {p.question for p in held_out}
     assert load_prompts(TaskConfig(size=12, eval_size=6, seed=1), "train") != train
+
+
+def test_held_out_questions_are_neither_training_questions_nor_repeated():
+    import reasoning_gym
+
+    # 2-term 1-digit arithmetic has ~1,900 distinct questions: seeds alone give 512 training and 64 held-out draws
+    # that share questions, and 64 held-out draws that repeat some.
+    task = TaskConfig(size=512, eval_size=64)
+    train, held_out = load_prompts(task, "train"), load_prompts(task, "eval")
+    questions = [p.question for p in held_out]
+    assert len(train) == 512 and len(held_out) == 64 and len(set(questions)) == 64
+    assert not set(questions) & {p.question for p in train}
+    # Each prompt is the draw its id names; some draws of each split were skipped.
+    for split, prompts, seed in (("eval", held_out, task.seed + 1_000_003), ("train", train, task.seed)):
+        indices = [int(p.prompt_id.rsplit("-", 1)[1]) for p in prompts]
+        assert indices == sorted(indices) and indices[-1] >= len(prompts)
+        draws = reasoning_gym.create_dataset(task.name, size=indices[-1] + 1, seed=seed,
+                                             **json.loads(task.params_json))
+        assert [p.question for p in prompts] == [draws[i]["question"] for i in indices]
+    # The held-out set does not depend on how many training prompts there are.
+    assert load_prompts(TaskConfig(size=12, eval_size=64), "eval") == held_out
+
+
+def test_a_task_without_enough_unseen_questions_names_the_size_to_lower():
+    # larger_digit has 100 questions: 101 held-out ones cannot be distinct, and 100 leave training nothing.
+    digits = {"source": "procedural", "name": "larger_digit", "params_json": "{}"}
+    with pytest.raises(TaskError, match="task.eval_size=101"):
+        load_prompts(TaskConfig(**digits, size=10, eval_size=101), "eval")
+    with pytest.raises(TaskError, match="task.size=10"):
+        load_prompts(TaskConfig(**digits, size=10, eval_size=100), "train")
+    train, held_out = load_prompts(DIGITS, "train"), load_prompts(DIGITS, "eval")
+    assert len(train) == 20 and len(held_out) == 10 and not {p.question for p in train} & {p.question for p in held_out}
 
 
 def test_reasoning_gym_scoring_right_wrong_and_partial_credit():
