@@ -12,7 +12,8 @@ Sources (`TaskConfig.source`):
   the answer format, then the frequent answers, then the comparison, and per-prompt success is very uneven.
 - `jsonl`: a local .jsonl/.json/.parquet file read with `datasets`; `question_field`/`answer_field` name the
   columns (default `prompt`/`answer`). A seeded permutation holds out `eval_fraction` of the rows (eval_size does
-  not apply); training keeps at most `size` of the others (a seeded sample; size 0: all of them). Ids are `f"{file stem}-{split}-{row index in the file}"`. Graded with
+  not apply; training drops rows that repeat a held-out question); training keeps at most `size` of the others (a
+  seeded sample; size 0: all of them). Ids are `f"{file stem}-{split}-{row index in the file}"`. Graded with
   math-verify. A row with a missing/empty field or an answer math-verify cannot parse raises `TaskError` naming the
   row at load time.
 - `hf`: a dataset read with `datasets.load_dataset` (a hub id, downloaded when online and cached; a local dataset
@@ -20,7 +21,7 @@ Sources (`TaskConfig.source`):
   row order; size 0: all rows). Columns come from a named field
   map (`HF_FIELD_MAPS`, picked by `task.field_map` or by the dataset id) or from `task.question_field` /
   `task.answer_field` / `task.answer_format`. Evaluation reads `task.eval_name` / `task.eval_split` (default: the
-  training split with `eval_fraction` held out), at most `eval_size` rows (a seeded sample). Ids are
+  training split with `eval_fraction` held out, as for jsonl), at most `eval_size` rows (a seeded sample). Ids are
   `f"{dataset name}-{split}-{row index}"`. A missing column raises `TaskError` naming it and the columns there
   are; a row without a usable question or answer is skipped, counted and logged (`HfLoad.skipped`).
 
@@ -186,15 +187,11 @@ def _load_procedural(task: TaskConfig, split: Split, size: int, seed: int) -> li
 
 
 def _load_local(task: TaskConfig, split: Split) -> list[Prompt]:
-    import numpy as np
-
     path = Path(task.path)
     rows = _read_local_rows(path)
     stem = path.stem
     prompts = [_local_row_to_prompt(row, index, task, stem) for index, row in enumerate(rows)]
-    order = np.random.default_rng(task.seed).permutation(len(prompts))
-    n_eval = int(round(task.eval_fraction * len(prompts)))
-    chosen = sorted(order[:n_eval] if split == "eval" else order[n_eval:])
+    chosen = _hold_out_rows(prompts, task, split)
     prompts = [_with_split_id(prompts[i], f"{stem}-{split}-{i}") for i in chosen]
     return seeded_sample(prompts, task.size, task.seed) if split == "train" and task.size else prompts
 
@@ -238,6 +235,19 @@ def gradable(answer: str) -> bool:
     if _PLAIN_NUMBER.fullmatch(answer.strip()):
         return True
     return bool([x for x in _math_verify_parse(_as_math(answer)) if not isinstance(x, str)])
+
+
+def _hold_out_rows(prompts: list[Prompt], task: TaskConfig, split: Split) -> list[int]:
+    """Row indices of `split` when a seeded permutation holds out `eval_fraction` of the rows; training rows whose
+    question a held-out row has are dropped too (datasets repeat questions across rows)."""
+    import numpy as np
+
+    order = np.random.default_rng(task.seed).permutation(len(prompts))
+    n_eval = int(round(task.eval_fraction * len(prompts)))
+    if split == "eval":
+        return sorted(int(i) for i in order[:n_eval])
+    held_out = {prompts[i].question for i in order[:n_eval]}
+    return sorted(int(i) for i in order[n_eval:] if prompts[i].question not in held_out)
 
 
 def _with_split_id(prompt: Prompt, prompt_id: str) -> Prompt:
@@ -317,18 +327,13 @@ def _known_map_key(name: str) -> str:
 
 def load_hf_prompts(task: TaskConfig, split: Split) -> HfLoad:
     """Prompts of `split` from the training or evaluation dataset of a source = hf task."""
-    import numpy as np
-
     shared = not task.eval_split and task.eval_name in ("", task.name)  # evaluation holds out training rows
     name = (task.eval_name or task.name) if split == "eval" else task.name
     dataset_split = (task.eval_split or task.split) if split == "eval" else task.split
     loaded = _hf_rows_to_prompts(task, name, dataset_split, split)
     prompts = loaded.prompts
     if shared:
-        order = np.random.default_rng(task.seed).permutation(len(prompts))
-        n_eval = int(round(task.eval_fraction * len(prompts)))
-        chosen = sorted(order[:n_eval] if split == "eval" else order[n_eval:])
-        prompts = [prompts[i] for i in chosen]
+        prompts = [prompts[i] for i in _hold_out_rows(prompts, task, split)]
     if split == "eval":
         prompts = seeded_sample(prompts, task.eval_size, task.seed + EVAL_SEED_OFFSET)
     elif task.size:

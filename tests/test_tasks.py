@@ -99,6 +99,19 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def test_a_local_dataset_never_trains_on_a_question_it_holds_out(tmp_path):
+    # 20 questions, each in two rows: holding out rows alone would leave the twin of a held-out row in training.
+    path = tmp_path / "twins.jsonl"
+    _write_jsonl(path, [{"prompt": f"What is {i % 20} + 1?", "answer": str(i % 20 + 1)} for i in range(40)])
+    for source in ("jsonl", "hf"):
+        task = TaskConfig(source=source, path=str(path), name=str(path), eval_fraction=0.25, eval_size=10)
+        train, held_out = load_prompts(task, "train"), load_prompts(task, "eval")
+        held_questions = {p.question for p in held_out}
+        assert len(held_out) == 10 and not held_questions & {p.question for p in train}
+        # Every row of a held-out question leaves the training rows: 40 - 2 per distinct held-out question.
+        assert len(train) == 40 - 2 * len(held_questions)
+
+
 def test_jsonl_split_ids_and_math_verify(tmp_path):
     path = tmp_path / "math.jsonl"
     _write_jsonl(path, [{"q": f"What is {i}/2?", "a": f"\\frac{{{i}}}{{2}}", "level": i} for i in range(1, 21)])
