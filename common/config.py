@@ -584,14 +584,14 @@ def _cpu_demo() -> Config:
     """The embedded default: SmolLM2-135M-Instruct on 2-term 1-digit arithmetic, ~7.5-11 min on 2 CPU cores.
 
     Tuned on the 2-core machines of docs/BENCHMARKS.md ("The default run on 2026-12-03" and "... on 2026-12-04"):
-    both roles compute in bfloat16 (autocast over float32 weights in the learner), ~1.5x faster than float32 on
-    CPUs with bf16 instructions (run_async.py warns on a CPU without them). Six prompts of ~6 responses (n in [4, 8]) per step
-    instead of four of ~8 train on more prompts at the same learner cost; zero-variance groups are never trained
-    on, so every group of a batch carries signal. lr 3e-5 (5e-5 diverged), decaying by a half cosine to 3e-6 at
-    the last step: a constant rate gained little between steps 25 and 50. Late in the run most prompts are solved
-    by every sample and the one actor falls behind the learner: prompt skipping keeps it ahead. Two sampled
-    answers per held-out prompt (pass@2) keep the three evaluations short; the greedy pass@1 is what the run
-    reports. Nine groups per step or 2,048 training prompts gained nothing beyond run-to-run noise."""
+    both roles compute in bfloat16 (autocast over float32 weights in the learner), ~1.5x faster than float32 on CPUs
+    with bf16 instructions (run_async.py warns on a CPU without them). Six prompts of ~6 responses (n in [4, 8]) per
+    step instead of four of ~8 train on more prompts at the same learner cost; zero-variance groups are never
+    trained on, so every group of a batch carries signal. lr 3e-5 (5e-5 diverged), decaying by a half cosine to 3e-6
+    at the last step: a constant rate gained little between steps 25 and 50. Late in the run most prompts are solved
+    by every sample and the one actor falls behind the learner: prompt skipping keeps it ahead. Two sampled answers
+    per held-out prompt (pass@2) keep the three evaluations short; the greedy pass@1 is what the run reports. Nine
+    groups per step or 2,048 training prompts gained nothing beyond run-to-run noise."""
     return Config(
         run=RunConfig(eval_every=25, eval_samples=2),
         algo=AlgorithmConfig(n_mean=6, n_min=4, n_max=8, prompt_skipping=True),

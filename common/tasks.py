@@ -45,7 +45,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from common.config import TaskConfig
 
@@ -91,13 +91,6 @@ def load_prompts(task: TaskConfig, split: Split) -> list[Prompt]:
     return _draw(task, "train", task.size, {p.question for p in held_out}, distinct=False)
 
 
-def _generate(task: TaskConfig, split: Split, size: int, seed: int) -> list[Prompt]:
-    """The first `size` prompts a generated task draws from `seed`; a longer draw starts with a shorter one's."""
-    if task.source == "procedural":
-        return _load_procedural(task, split, size, seed)
-    return _load_reasoning_gym(task, split, size, seed)
-
-
 def _draw(task: TaskConfig, split: Split, count: int, excluded: set[str], distinct: bool) -> list[Prompt]:
     """The first `count` draws of `split`'s seed whose question is not in `excluded` (with `distinct`, nor an earlier
     draw's).
@@ -106,40 +99,34 @@ def _draw(task: TaskConfig, split: Split, count: int, excluded: set[str], distin
     6 of cpu-demo's 64 held-out questions among its 256 training prompts (40 of 64 with 2,048) and 5 twice in the
     held-out set. The held-out set is drawn first, without repeats, and depends only on the task, its seed and
     eval_size; training draws skip its questions (they may repeat each other). An id keeps its draw's index, so ids
-    can have gaps. Draws grow by doubling up to `_DRAW_LIMIT` × count; a task with too few questions left raises
-    TaskError."""
+    can have gaps. A task with too few questions left after `_DRAW_LIMIT` × count draws raises TaskError."""
     if count == 0:
         return []
     seed = task.seed if split == "train" else task.seed + EVAL_SEED_OFFSET
-    excluded, chosen, drawn, size = set(excluded), [], 0, count
-    while True:
-        for prompt in _generate(task, split, size, seed)[drawn:]:
-            if prompt.question not in excluded:
-                chosen.append(prompt)
-                if distinct:
-                    excluded.add(prompt.question)
-                if len(chosen) == count:
-                    return chosen
-        drawn = size
-        if size >= _DRAW_LIMIT * count:
-            which = "task.size" if split == "train" else "task.eval_size"
-            wanted = "outside the held-out set" if split == "train" else "without repeats"
-            raise TaskError(f"{which}={count}: {task.name} gave only {len(chosen)} {split} questions {wanted} in "
-                            f"{size} draws; lower task.eval_size or task.size")
-        size = min(2 * size, _DRAW_LIMIT * count)
+    limit = _DRAW_LIMIT * count
+    draws = _procedural_draws if task.source == "procedural" else _reasoning_gym_draws
+    excluded, chosen = set(excluded), []
+    for prompt in draws(task, split, limit, seed):
+        if prompt.question not in excluded:
+            chosen.append(prompt)
+            if distinct:
+                excluded.add(prompt.question)
+            if len(chosen) == count:
+                return chosen
+    which = "task.size" if split == "train" else "task.eval_size"
+    wanted = "outside the held-out set" if split == "train" else "without repeats"
+    raise TaskError(f"{which}={count}: {task.name} gave only {len(chosen)} {split} questions {wanted} in {limit} "
+                    f"draws; lower task.eval_size or task.size")
 
 
-def _load_reasoning_gym(task: TaskConfig, split: Split, size: int, seed: int) -> list[Prompt]:
-    if size == 0:
-        return []
-    dataset = _reasoning_gym_dataset(task.name, task.params_json, size, seed)
-    prompts = []
-    for index in range(size):
+def _reasoning_gym_draws(task: TaskConfig, split: Split, limit: int, seed: int) -> Iterator[Prompt]:
+    """Up to `limit` prompts of the reasoning-gym dataset with `seed`, in order (entries are made when read)."""
+    dataset = _reasoning_gym_dataset(task.name, task.params_json, limit, seed)
+    for index in range(limit):
         entry = dataset[index]
         prompt_id = f"{task.name}-{split}-{index}"
-        prompts.append(Prompt(prompt_id, str(entry["question"]), str(entry["answer"]),
-                              _json_metadata(entry.get("metadata", {}), prompt_id)))
-    return prompts
+        yield Prompt(prompt_id, str(entry["question"]), str(entry["answer"]),
+                     _json_metadata(entry.get("metadata", {}), prompt_id))
 
 
 def _reasoning_gym_dataset(name: str, params_json: str, size: int, seed: int) -> Any:
@@ -174,16 +161,15 @@ def _larger_digit(rng: random.Random) -> tuple[str, str]:
 PROCEDURAL_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"larger_digit": _larger_digit}
 
 
-def _load_procedural(task: TaskConfig, split: Split, size: int, seed: int) -> list[Prompt]:
+def _procedural_draws(task: TaskConfig, split: Split, limit: int, seed: int) -> Iterator[Prompt]:
+    """Up to `limit` prompts of a built-in generator seeded with `seed`, in order."""
     generator = PROCEDURAL_TASKS.get(task.name)
     if generator is None:
         raise TaskError(f"task.name={task.name!r}: unknown procedural task; choose from {sorted(PROCEDURAL_TASKS)}")
     rng = random.Random(seed)
-    prompts = []
-    for index in range(size):
+    for index in range(limit):
         question, answer = generator(rng)
-        prompts.append(Prompt(f"{task.name}-{split}-{index}", question, answer, {}))
-    return prompts
+        yield Prompt(f"{task.name}-{split}-{index}", question, answer, {})
 
 
 def _load_local(task: TaskConfig, split: Split) -> list[Prompt]:
