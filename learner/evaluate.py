@@ -2,7 +2,8 @@
 
 Training runs evaluate on the actors' engines instead, coordinated by the buffer (buffer/evaluation.py), so
 training never stops for it. This module serves offline use: `learner/evaluate_suite.py` (a checkpoint or an
-exported model on a benchmark suite) and the check that an actor-served evaluation gives the same greedy results
+exported model on a benchmark suite), `learner/evaluate_heldout.py` (a checkpoint on a wider held-out set of its
+run's task) and the check that an actor-served evaluation gives the same greedy results
 (tests/test_eval_actor.py). A response is every generated token before the first end-of-sequence token, the same
 tokens the HF engine returns before its stop token.
 """
@@ -10,6 +11,7 @@ tokens the HF engine returns before its stop token.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -43,34 +45,52 @@ def generate_batched(model: Any, tokenizer: Any, prompt_ids: list[list[int]], *,
     return out
 
 
+@dataclass
+class PromptResult:
+    """One held-out prompt's greedy answer and its k sampled ones."""
+
+    greedy_text: str
+    greedy_correct: bool
+    greedy_tokens: int
+    sampled_rewards: list[float]
+    sampled_correct: list[bool]
+
+
+def score_prompts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], cfg: Config, k: int) -> list[PromptResult]:
+    """Each prompt's greedy response and `k` responses sampled at actor.temperature (k = 0: greedy only), scored by
+    the task's scorer; at most actor.max_new_tokens tokens each."""
+    was_training = model.training
+    model.eval()
+    ids = [encode_prompt(tokenizer, p.question, cfg.task) for p in prompts]
+    common = dict(max_new_tokens=cfg.actor.max_new_tokens, temperature=cfg.actor.temperature)
+    greedy = generate_batched(model, tokenizer, ids, do_sample=False, num_return_sequences=1,
+                              batch_size=cfg.actor.max_batch_sequences, **common)
+    sampled = generate_batched(model, tokenizer, ids, do_sample=True, num_return_sequences=k,
+                               batch_size=max(1, cfg.actor.max_batch_sequences // k), **common) if k else []
+    if was_training:
+        model.train()
+    results = []
+    for i, (prompt, response) in enumerate(zip(prompts, greedy)):
+        scores = [score_response(prompt, tokenizer.decode(r), cfg.task) for r in sampled[i * k : (i + 1) * k]]
+        text = tokenizer.decode(response)
+        results.append(PromptResult(text, score_response(prompt, text, cfg.task)[1], len(response),
+                                    [s[0] for s in scores], [s[1] for s in scores]))
+    return results
+
+
 def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], cfg: Config) -> dict[str, float]:
     """eval/pass@1 (greedy), eval/pass@k and eval/mean_reward@k (k = run.eval_samples, sampled at
     actor.temperature), eval/response_tokens, time/eval_s."""
     if not prompts:
         return {}
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    ids = [encode_prompt(tokenizer, p.question, cfg.task) for p in prompts]
     k = cfg.run.eval_samples
-    batch = max(1, cfg.actor.max_batch_sequences // k)
-    common = dict(max_new_tokens=cfg.actor.max_new_tokens, temperature=cfg.actor.temperature)
-    greedy = generate_batched(model, tokenizer, ids, do_sample=False, num_return_sequences=1,
-                              batch_size=cfg.actor.max_batch_sequences, **common)
-    sampled = generate_batched(model, tokenizer, ids, do_sample=True, num_return_sequences=k, batch_size=batch,
-                               **common)
-    if was_training:
-        model.train()
-    pass1 = [score_response(p, tokenizer.decode(r), cfg.task)[1] for p, r in zip(prompts, greedy)]
-    rewards, any_correct = [], []
-    for i, p in enumerate(prompts):
-        scores = [score_response(p, tokenizer.decode(r), cfg.task) for r in sampled[i * k : (i + 1) * k]]
-        rewards.extend(s[0] for s in scores)
-        any_correct.append(any(s[1] for s in scores))
+    results = score_prompts(model, tokenizer, prompts, cfg, k)
+    n = len(results)
     return {
-        "eval/pass@1": sum(pass1) / len(pass1),
-        f"eval/pass@{k}": sum(any_correct) / len(any_correct),
-        f"eval/mean_reward@{k}": sum(rewards) / len(rewards),
-        "eval/response_tokens/mean": sum(len(r) for r in greedy) / len(greedy),
+        "eval/pass@1": sum(r.greedy_correct for r in results) / n,
+        f"eval/pass@{k}": sum(any(r.sampled_correct) for r in results) / n,
+        f"eval/mean_reward@{k}": sum(sum(r.sampled_rewards) for r in results) / (n * k),
+        "eval/response_tokens/mean": sum(r.greedy_tokens for r in results) / n,
         "time/eval_s": time.perf_counter() - start,
     }

@@ -194,10 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate_suite: error: {exc}", file=sys.stderr)
         return 2
     print_table(results)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     return 0
+
+
+def write_results(path: Path | None, results: dict[str, Any]) -> None:
+    """`results` as indented JSON at `path` (its directory made), or nothing when path is None."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
