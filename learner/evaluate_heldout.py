@@ -86,13 +86,18 @@ def evaluate_heldout(run_dir: Path, checkpoint: Path, size: int, samples: int) -
     except ConfigError as exc:
         raise EvaluateError(f"{run_dir}/config.json: {exc}") from None
     prompts = wide_held_out(cfg.task, size)
-    # The checkpoint's float32 weights load into a float32 model, which then takes the actor's dtype.
-    model = load_model(cfg.run.model, dtype=torch.float32, device=resolve_device(cfg.actor.device))
+    # The checkpoint's float32 weights load into a float32 model and are copied into one built in the actor's dtype,
+    # as an engine receives them: casting the whole model instead would also round buffers the engine keeps in
+    # float32 (e.g. rotary frequencies), and change some greedy answers.
+    device = resolve_device(cfg.actor.device)
+    master = load_model(cfg.run.model, dtype=torch.float32, device=device)
     try:
-        load_weights(checkpoint, model)
+        load_weights(checkpoint, master)
     except CheckpointError as exc:
         raise EvaluateError(f"cannot load {checkpoint} into base model {cfg.run.model}: {exc}") from None
-    model.to(getattr(torch, cfg.actor.dtype))
+    model = load_model(cfg.run.model, dtype=getattr(torch, cfg.actor.dtype), device=device)
+    model.load_state_dict(master.state_dict())
+    del master
     start = time.perf_counter()
     results = score_prompts(model, load_tokenizer(cfg.run.model), prompts, cfg, samples)
     seconds = time.perf_counter() - start
