@@ -71,11 +71,11 @@ def run_and_checkpoint(path: Path) -> tuple[Path, Path]:
     if (path / "config.json").is_file():
         found = latest_checkpoint(path)
         if found is None:
-            raise EvaluateError(f"--checkpoint {path}: a run directory without checkpoints")
+            raise EvaluateError(f"{path}: a run directory without checkpoints")
         return path, found
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file() and path.is_dir():
         return path.parent.parent, path
-    raise EvaluateError(f"--checkpoint {path}: neither a run directory (with config.json) nor "
+    raise EvaluateError(f"{path}: neither a run directory (with config.json) nor "
                         f"RUN_DIR/checkpoints/step_N")
 
 
