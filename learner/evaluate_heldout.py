@@ -17,7 +17,8 @@ dataset holds, and `learner.evaluate_suite` evaluates benchmark suites.
 Greedy pass@1 always; with `--samples k` (k >= 1) also pass@k and the mean reward of k answers sampled at the run's
 actor.temperature. The model is the run's base model with the checkpoint's weights, in the run's actor dtype (the
 precision its evaluations ran in), on the run's actor device. `--out` writes the numbers and each prompt's question,
-answer, greedy response and results as JSON. Errors (no checkpoint, a dataset task, a size the task cannot fill) exit with status 2 and one line.
+answer, greedy response and results as JSON. Errors (no checkpoint, a dataset task, a size the task cannot fill)
+exit with status 2 and one line.
 """
 
 from __future__ import annotations
