@@ -1,6 +1,6 @@
 """A plain synchronous GRPO loop in one process: the reference point for the default run's accuracy.
 
-    python bench/sync_grpo.py --seed 0                 # 25 steps of 8 prompts x 8 samples, ~10-13 min on 2 cores
+    python bench/sync_grpo.py --seed 0                 # 25 steps of 8 prompts x 8 samples, ~9 min on 2 cores
     python bench/sync_grpo.py --steps 2 --prompts 2 --samples 2 --eval-size 16    # a smoke run
 
 No buffer, actor, learner process, allocation, staleness, importance correction or modulation: each step draws
