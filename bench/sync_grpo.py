@@ -20,7 +20,6 @@ set: the 64 first, none trained on). `--out` writes the numbers and per-step rew
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -33,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.config import PRESETS, with_overrides  # noqa: E402 (after the path)
 from common.models import load_model, load_tokenizer  # noqa: E402
 from common.tasks import encode_prompt, load_prompts, score_response  # noqa: E402
-from learner.evaluate import generate_batched, score_prompts  # noqa: E402
+from learner.evaluate import aggregate, generate_batched, score_prompts  # noqa: E402
 from learner.evaluate_heldout import wide_held_out  # noqa: E402
+from learner.evaluate_suite import write_results  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,8 +70,7 @@ def response_logprobs(model, prompt_ids: list[int], responses: list[list[int]], 
 
 def held_out_pass1(model, tokenizer, prompts, cfg, autocast) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        results = score_prompts(model, tokenizer, prompts, cfg, 0)
-    return sum(r.greedy_correct for r in results) / len(results)
+        return aggregate(score_prompts(model, tokenizer, prompts, cfg, 0), 0)["pass@1"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate("end")
     out["seconds"] = time.perf_counter() - start
     print(f"sync_grpo: {out['seconds']:.0f} s", flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_results(args.out, out)
     return 0
 
 

@@ -78,6 +78,18 @@ def score_prompts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], cfg: Co
     return results
 
 
+def aggregate(results: Sequence[PromptResult], k: int) -> dict[str, float]:
+    """pass@1 (greedy), response_tokens/mean (greedy) and, with k > 0 sampled answers per prompt, pass@k and
+    mean_reward@k, over a non-empty list of prompt results."""
+    n = len(results)
+    out = {"pass@1": sum(r.greedy_correct for r in results) / n,
+           "response_tokens/mean": sum(r.greedy_tokens for r in results) / n}
+    if k:
+        out[f"pass@{k}"] = sum(any(r.sampled_correct) for r in results) / n
+        out[f"mean_reward@{k}"] = sum(sum(r.sampled_rewards) for r in results) / (n * k)
+    return out
+
+
 def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], cfg: Config) -> dict[str, float]:
     """eval/pass@1 (greedy), eval/pass@k and eval/mean_reward@k (k = run.eval_samples, sampled at
     actor.temperature), eval/response_tokens, time/eval_s."""
@@ -85,12 +97,5 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], cfg: Config)
         return {}
     start = time.perf_counter()
     k = cfg.run.eval_samples
-    results = score_prompts(model, tokenizer, prompts, cfg, k)
-    n = len(results)
-    return {
-        "eval/pass@1": sum(r.greedy_correct for r in results) / n,
-        f"eval/pass@{k}": sum(any(r.sampled_correct) for r in results) / n,
-        f"eval/mean_reward@{k}": sum(sum(r.sampled_rewards) for r in results) / (n * k),
-        "eval/response_tokens/mean": sum(r.greedy_tokens for r in results) / n,
-        "time/eval_s": time.perf_counter() - start,
-    }
+    metrics = aggregate(score_prompts(model, tokenizer, prompts, cfg, k), k)
+    return {**{f"eval/{key}": value for key, value in metrics.items()}, "time/eval_s": time.perf_counter() - start}

@@ -80,7 +80,7 @@ def evaluate_heldout(run_dir: Path, checkpoint: Path, size: int, samples: int) -
     from common.config import ConfigError, load_config
     from common.models import load_model, load_tokenizer, resolve_device
     from learner.checkpoint import CheckpointError, load_weights
-    from learner.evaluate import score_prompts
+    from learner.evaluate import aggregate, score_prompts
 
     try:
         cfg = load_config(run_dir / "config.json")
@@ -96,24 +96,23 @@ def evaluate_heldout(run_dir: Path, checkpoint: Path, size: int, samples: int) -
         load_weights(checkpoint, master)
     except CheckpointError as exc:
         raise EvaluateError(f"cannot load {checkpoint} into base model {cfg.run.model}: {exc}") from None
-    model = load_model(cfg.run.model, dtype=getattr(torch, cfg.actor.dtype), device=device)
-    model.load_state_dict(master.state_dict())
-    del master
+    if cfg.actor.dtype == "float32":
+        model = master
+    else:
+        model = load_model(cfg.run.model, dtype=getattr(torch, cfg.actor.dtype), device=device)
+        model.load_state_dict(master.state_dict())
+        del master
     start = time.perf_counter()
     results = score_prompts(model, load_tokenizer(cfg.run.model), prompts, cfg, samples)
     seconds = time.perf_counter() - start
     run_set = results[: cfg.task.eval_size]
-    pass1 = sum(r.greedy_correct for r in results) / len(results)
+    metrics = aggregate(results, samples)
     out: dict[str, Any] = {
         "checkpoint": str(checkpoint), "task": cfg.task.name, "prompts": len(results), "dtype": cfg.actor.dtype,
-        "pass@1": pass1, "pass@1_standard_error": standard_error(pass1, len(results)),
+        **metrics, "pass@1_standard_error": standard_error(metrics["pass@1"], len(results)),
         "run_held_out_prompts": len(run_set),
-        "run_held_out_pass@1": sum(r.greedy_correct for r in run_set) / max(1, len(run_set)),
-        "response_tokens/mean": sum(r.greedy_tokens for r in results) / len(results), "seconds": seconds,
+        "run_held_out_pass@1": aggregate(run_set, 0)["pass@1"] if run_set else 0.0, "seconds": seconds,
     }
-    if samples:
-        out[f"pass@{samples}"] = sum(any(r.sampled_correct) for r in results) / len(results)
-        out[f"mean_reward@{samples}"] = sum(sum(r.sampled_rewards) for r in results) / (len(results) * samples)
     out["per_prompt"] = [{"prompt_id": p.prompt_id, "question": p.question, "answer": p.answer,
                           "greedy_response": r.greedy_text, "greedy_correct": r.greedy_correct,
                           "sampled_correct": sum(r.sampled_correct)} for p, r in zip(prompts, results)]

@@ -96,3 +96,20 @@ def test_cli_refuses_bad_arguments_with_status_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err and "--size must be >= 1" in err and "--samples must be >= 0" in err
     assert "--size 1000: larger_digit has too few questions" in err
+
+
+@pytest.mark.integration
+def test_a_bfloat16_actor_is_scored_as_its_engine_holds_the_weights(tmp_path):
+    """The checkpoint's weights are copied into a model built in bfloat16 (as an engine receives them), whose rotary
+    frequencies stay float32: the answers equal that model's, not a float32 model's cast afterwards."""
+    torch.set_num_threads(1)
+    cfg = with_overrides(PRESETS["tiny"](), actor={"dtype": "bfloat16"})
+    weights = tiny_run(tmp_path / "run", cfg)
+    out = tmp_path / "r.json"
+    assert evaluate_heldout.main([str(tmp_path / "run"), "--size", "32", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    model = load_model("tiny", dtype=torch.bfloat16, device="cpu")
+    model.load_state_dict(weights)
+    expected = score_prompts(model, load_tokenizer("tiny"), load_prompts(cfg.task, "eval"), cfg, 0)
+    assert results["dtype"] == "bfloat16"
+    assert [p["greedy_response"] for p in results["per_prompt"]] == [r.greedy_text for r in expected]
