@@ -592,7 +592,9 @@ def _cpu_demo() -> Config:
     by every sample and the one actor falls behind the learner: prompt skipping keeps it ahead. Two sampled answers
     per held-out prompt (pass@2) keep the three evaluations short; the greedy pass@1 is what the run reports
     (`python -m learner.evaluate_heldout` scores a checkpoint on 512 held-out prompts). Nine groups per step, 2,048
-    training prompts, sampling at temperature 0.7 or 60 steps gained nothing beyond run-to-run noise."""
+    training prompts, sampling at temperature 0.7 or 60 steps gained nothing beyond run-to-run noise. What bounds the
+    end point is the steps two cores fit: 70 steps on 1,024 prompts with no mid-run evaluation end ~0.04 higher in
+    ~10-13 min; 150 steps (44 min) reach ~0.59 (BENCHMARKS "... on 2026-12-05 (later)")."""
     return Config(
         run=RunConfig(eval_every=25, eval_samples=2),
         algo=AlgorithmConfig(n_mean=6, n_min=4, n_max=8, prompt_skipping=True),
