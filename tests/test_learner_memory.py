@@ -60,11 +60,14 @@ def rss():
 
 big = torch.ones(24 * 2**20 // 4)
 del big  # the mmap threshold is now 24 MiB
-blocks = [torch.ones(2 * 2**20 // 4) for _ in range(200)]  # 400 MiB, written, from the heap
-pin = torch.ones(2**20 // 4)  # a live block above them
+blocks = [torch.ones(2 * 2**20 // 4) for _ in range(201)]  # 402 MiB, written, from the heap
+# the live block above the freed ones: the highest of them (a block allocated after them can land in a hole lower
+# in the heap, and then freeing them shrinks the heap's top without any trim)
+pin = blocks.pop(max(range(len(blocks)), key=lambda i: blocks[i].data_ptr()))
+assert all(b.data_ptr() < pin.data_ptr() for b in blocks)
 del blocks
 held = rss()
 return_freed_heap()
-assert pin.sum() == 2**18
+assert pin.sum() == 2**19
 print(held - rss())
 """
