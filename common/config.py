@@ -216,8 +216,8 @@ class TaskConfig:
     scorer: Literal["auto", "math"] = "auto"
     """`math`: the answer is the content of the response's last \\boxed{} (none: wrong), compared with the
     reference by math-verify (LaTeX and expressions); any source can use it, source = hf always does. `auto`:
-    reasoning-gym's scorer, exact match for procedural tasks, math-verify on the last box or else the last number
-    for jsonl."""
+    reasoning-gym's scorer, exact match for procedural tasks, math-verify for jsonl, each on the last box or else the
+    last number that is no operand (`common.tasks.extract_answer`)."""
     reward_correct: float = 1.0
     """Reward of a correct response."""
     reward_wrong: float = 0.0

@@ -26,8 +26,10 @@ Sources (`TaskConfig.source`):
   are; a row without a usable question or answer is skipped, counted and logged (`HfLoad.skipped`).
 
 Answer extraction (`extract_answer`): the content of the last `\\boxed{...}` if there is one, else the last number
-in the text (optional minus sign, thousands commas removed, optional decimals), else None. The `math` scorer
-(`task.scorer`, the paper's) uses the last box only: a response without one is wrong.
+in the text (optional minus sign, thousands commas removed, optional decimals), else None. A last number that is the
+right operand of a binary operator (`+ - * / × ÷ ^` after a number or `)`) is no answer: "-7 * 0 =" echoes the
+question "Calculate -7 * 0." and would otherwise score 0 as correct; a policy learns to give such echoes. The `math`
+scorer (`task.scorer`, the paper's) uses the last box only: a response without one is wrong.
 
 Rewards are `task.reward_correct` when correct and `task.reward_wrong` otherwise (including "no answer found");
 defaults 1 / 0, the paper's -1 for wrong is a config value. reasoning-gym scorers can give partial credit (e.g. a
@@ -55,6 +57,9 @@ _DRAW_LIMIT = 64
 
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A binary operator after a number or ")" and before the end (opening parentheses and spaces aside): a number
+# there is the operator's right operand, as in an echoed "-7 * 0 =".
+_OPERAND_BEFORE = re.compile(r"[\d)]\s*[-+*/×÷^][\s(]*$")
 _log = logging.getLogger(__name__)
 
 
@@ -460,14 +465,17 @@ def describe_task(task: TaskConfig) -> list[str]:
 
 
 def extract_answer(text: str) -> str | None:
-    """Content of the last \\boxed{...} (braces balanced), else the last number in `text`, else None."""
+    """Content of the last \\boxed{...} (braces balanced), else the last number in `text` unless it is the right
+    operand of a binary operator (the response ends in an expression, not a result), else None."""
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    numbers = _NUMBER.findall(text)
-    if not numbers:
+    last = None
+    for last in _NUMBER.finditer(text):
+        pass
+    if last is None or _OPERAND_BEFORE.search(text, 0, last.start()):
         return None
-    return numbers[-1].replace(",", "")
+    return last.group().replace(",", "")
 
 
 def _last_boxed(text: str) -> str | None:

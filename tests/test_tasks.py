@@ -27,6 +27,16 @@ DIGITS = TaskConfig(source="procedural", name="larger_digit", params_json="{}", 
         ("\\boxed{1} and \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # last box, nested braces kept
         ("\\boxed{ 8 }", "8"),
         ("\\boxed{4", "4"),                              # unclosed box (cut off): falls back to the last number
+        ("-7 * 0 =", None),                              # an echoed expression: its last operand is no answer
+        ("-7 * 0 equals -$-$.", None),
+        ("5 - -5", None),                                # ... also a negative one
+        ("8 + (-4)", None),                              # ... also in parentheses
+        ("(7 * 0)", None),
+        ("2^3", None),
+        ("7 * 0 = 0", "0"),                              # the result after "=" is one
+        ("5 - -5 equals 10.", "10"),
+        ("= +45", "45"),                                 # a sign after "=" is no operator
+        ("the answer is -4", "-4"),
         ("no digits here", None),
         ("", None),
     ],
@@ -83,6 +93,16 @@ def test_reasoning_gym_scoring_right_wrong_and_partial_credit():
     assert score_response(prompt, "I do not know", ARITH) == (0.0, False)
     # reasoning-gym gives partial credit when the answer is a substring ("1" in "11"); it must not count.
     assert score_response(prompt, f"\\boxed{{{prompt.answer}0}}", ARITH) == (0.0, False)
+
+
+def test_an_echo_of_the_question_that_ends_on_the_answer_is_not_an_answer():
+    # "Calculate -7 * 0." -> "-7 * 0 =" ends on the answer 0 as an operand; a trained policy found such echoes scored
+    # correct by the last-number fallback (10 of 512 greedy answers of one run) and learned to give them
+    prompt = Prompt("arith-0", "Calculate -7 * 0.", "0")
+    assert score_response(prompt, "-7 * 0 =", ARITH) == (0.0, False)
+    assert score_response(prompt, "-7 * 0", ARITH) == (0.0, False)
+    assert score_response(prompt, "-7 * 0 = 0", ARITH) == (1.0, True)
+    assert score_response(prompt, "\\boxed{-7 * 0}", ARITH) == (0.0, False)  # a box is read as it is
 
 
 def test_procedural_larger_digit():
