@@ -21,7 +21,9 @@ Sources (`TaskConfig.source`):
   row order; size 0: all rows). Columns come from a named field
   map (`HF_FIELD_MAPS`, picked by `task.field_map` or by the dataset id) or from `task.question_field` /
   `task.answer_field` / `task.answer_format`. Evaluation reads `task.eval_name` / `task.eval_split` (default: the
-  training split with `eval_fraction` held out, as for jsonl), at most `eval_size` rows (a seeded sample). Ids are
+  training split with `eval_fraction` held out, as for jsonl), at most `eval_size` rows (a seeded sample); training
+  then drops every row whose question a row of that whole evaluation split also has (whitespace and case aside: one
+  dataset often reprints another's problems), counted (`HfLoad.held_out_dropped`) and logged. Ids are
   `f"{dataset name}-{split}-{row index}"`. A missing column raises `TaskError` naming it and the columns there
   are; a row without a usable question or answer is skipped, counted and logged (`HfLoad.skipped`).
 
@@ -237,8 +239,8 @@ def _hold_out_rows(prompts: list[Prompt], task: TaskConfig, split: Split) -> lis
     n_eval = int(round(task.eval_fraction * len(prompts)))
     if split == "eval":
         return sorted(int(i) for i in order[:n_eval])
-    held_out = {prompts[i].question for i in order[:n_eval]}
-    return sorted(int(i) for i in order[n_eval:] if prompts[i].question not in held_out)
+    held_out = {question_key(prompts[i].question) for i in order[:n_eval]}
+    return sorted(int(i) for i in order[n_eval:] if question_key(prompts[i].question) not in held_out)
 
 
 def _with_split_id(prompt: Prompt, prompt_id: str) -> Prompt:
@@ -298,6 +300,8 @@ class HfLoad:
     prompts: list[Prompt]
     skipped: list[str]
     """One line per unusable row: its index and what was wrong."""
+    held_out_dropped: int = 0
+    """Training rows left out because the evaluation split asks the same question."""
 
 
 def field_map(task: TaskConfig, name: str) -> FieldMap:
@@ -322,14 +326,28 @@ def load_hf_prompts(task: TaskConfig, split: Split) -> HfLoad:
     name = (task.eval_name or task.name) if split == "eval" else task.name
     dataset_split = (task.eval_split or task.split) if split == "eval" else task.split
     loaded = _hf_rows_to_prompts(task, name, dataset_split, split)
-    prompts = loaded.prompts
+    prompts, dropped = loaded.prompts, 0
     if shared:
         prompts = [prompts[i] for i in _hold_out_rows(prompts, task, split)]
+    elif split == "train" and task.eval_size:
+        evaluation = _hf_rows_to_prompts(task, task.eval_name or task.name, task.eval_split or task.split, "eval")
+        evaluated = {question_key(p.question) for p in evaluation.prompts}  # the whole split, not the sample
+        kept = [p for p in prompts if question_key(p.question) not in evaluated]
+        prompts, dropped = kept, len(prompts) - len(kept)
+        if dropped:
+            _log.info("%s [%s]: %d training row(s) dropped: their question is in the evaluation split %s [%s]",
+                      name, dataset_split, dropped, task.eval_name or task.name, task.eval_split or task.split)
     if split == "eval":
         prompts = seeded_sample(prompts, task.eval_size, task.seed + EVAL_SEED_OFFSET)
     elif task.size:
         prompts = seeded_sample(prompts, task.size, task.seed)
-    return HfLoad(loaded.name, loaded.split, loaded.rows, prompts, loaded.skipped)
+    return HfLoad(loaded.name, loaded.split, loaded.rows, prompts, loaded.skipped, dropped)
+
+
+def question_key(question: str) -> str:
+    """What two questions share when they are the same question: the text with runs of whitespace made one space,
+    case folded."""
+    return " ".join(question.split()).casefold()
 
 
 def seeded_sample(prompts: list[Prompt], size: int, seed: int) -> list[Prompt]:
@@ -453,6 +471,8 @@ def describe_task(task: TaskConfig) -> list[str]:
         if task.source == "hf":
             loaded = load_hf_prompts(task, split)
             skipped = f", {len(loaded.skipped)} row(s) skipped (e.g. {loaded.skipped[0]})" if loaded.skipped else ""
+            if loaded.held_out_dropped:
+                skipped += f", {loaded.held_out_dropped} dropped: their question is evaluated"
             lines.append(f"{split}: {len(loaded.prompts)} prompts from {loaded.name} [{loaded.split}] "
                          f"({loaded.rows} rows{skipped})")
         else:

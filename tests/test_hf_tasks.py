@@ -52,6 +52,20 @@ def test_training_on_dapo_evaluating_on_math500_with_an_eval_size_cap():
     assert by_answer["3\\sqrt{2}"].metadata["unique_id"] == "test/algebra/100.json"
 
 
+def test_training_drops_the_questions_another_evaluation_dataset_asks(tmp_path):
+    evaluation = tmp_path / "reprint.jsonl"  # a dataset that reprints one DAPO problem, spaced and cased otherwise
+    rows = [{"prompt": "What is the sum of the positive  divisors of\n$12$?", "answer": "28"},
+            {"prompt": "What is 1 + 1?", "answer": "2"}]
+    evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = TaskConfig(source="hf", name=DAPO, eval_name=str(evaluation), eval_split="test", eval_size=1)
+    loaded = load_hf_prompts(task, "train")
+    assert (len(loaded.prompts), loaded.held_out_dropped) == (5, 1)
+    assert "What is the sum of the positive divisors of $12$?" not in {p.question for p in loaded.prompts}
+    assert describe_task(task)[0] == (f"train: 5 prompts from {DAPO} [train] "
+                                      f"(6 rows, 1 dropped: their question is evaluated)")
+    assert len(load_prompts(TaskConfig(source="hf", name=DAPO, eval_name=str(evaluation), eval_size=0), "train")) == 6
+
+
 def test_one_split_holds_out_eval_fraction_disjointly():
     task = TaskConfig(source="hf", name=DAPO, eval_fraction=0.5)
     train, held_out = load_prompts(task, "train"), load_prompts(task, "eval")
