@@ -6,9 +6,10 @@ or as run_async.py starts it:
     python -m buffer.server --config-file runs/<name>/config.json --run-dir runs/<name>
 
 Prompts come from `common.tasks.load_prompts(cfg.task, "train")`, or from `--prompts-jsonl FILE` (rows
-{prompt_id, question, answer, metadata}). Every request is decoded with the typed schemas of `common.schemas`,
-applied to the pure state machine `buffer.state.BufferState`, and answered with exactly one reply; undecodable or
-invalid requests get an `Error(code, message)` naming the field and are counted, never crash the loop. Long poll:
+{prompt_id, question, answer, metadata}), less those whose question a benchmark of run.eval_suite asks. Every
+request is decoded with the typed schemas of `common.schemas`, applied to the pure state machine
+`buffer.state.BufferState`, and answered with exactly one reply; undecodable or invalid requests get an
+`Error(code, message)` naming the field and are counted, never crash the loop. Long poll:
 a Fetch or LeaseRequest with `wait_s > 0` that would get nothing now (too few queued groups; admission control or
 back-pressure) is held, in arrival order, and answered the moment it can be served or when its wait runs out, so
 neither the learner nor an actor sleeps past the event it waits for. The state is
@@ -108,7 +109,29 @@ def load_eval_prompt_records(cfg: Config) -> list[PromptRecord]:
 
 
 def load_prompt_records(cfg: Config, prompts_jsonl: str = "") -> list[PromptRecord]:
-    """The training prompt pool: a JSONL file of {prompt_id, question, answer, metadata} or the task module."""
+    """The training prompt pool: a JSONL file of {prompt_id, question, answer, metadata} or the task module, less
+    every prompt whose question a benchmark of run.eval_suite asks (`without_suite_questions`)."""
+    return without_suite_questions(cfg, _pool_records(cfg, prompts_jsonl))
+
+
+def without_suite_questions(cfg: Config, records: list[PromptRecord]) -> list[PromptRecord]:
+    """`records` less those whose question (whitespace and case aside, `common.tasks.question_key`) one of the whole
+    benchmarks of run.eval_suite asks: a training set that reprints a benchmark problem would otherwise be scored on
+    what it trained on. The number dropped is logged."""
+    if not cfg.run.eval_suite:
+        return records
+    from buffer.evaluation import suite_prompts
+    from common.tasks import question_key
+
+    asked = {question_key(p.question) for p in suite_prompts(cfg.run.eval_suite, 0)}
+    kept = [r for r in records if question_key(r.question) not in asked]
+    if len(kept) < len(records):
+        log.info("%d training prompt(s) dropped: their question is in a benchmark of suite %s",
+                 len(records) - len(kept), cfg.run.eval_suite)
+    return kept
+
+
+def _pool_records(cfg: Config, prompts_jsonl: str) -> list[PromptRecord]:
     if prompts_jsonl:
         records = []
         with open(prompts_jsonl) as fh:

@@ -121,6 +121,22 @@ def test_a_benchmark_that_cannot_be_loaded_stops_the_buffer_naming_it(tmp_path):
         BufferState(cfg, make_prompts(4), now=time.monotonic())
 
 
+@pytest.mark.integration
+def test_the_training_pool_leaves_out_every_question_a_benchmark_asks(tmp_path):
+    from buffer.server import load_prompt_records
+
+    pool = tmp_path / "pool.jsonl"
+    rows = [{"prompt_id": "p0", "question": "How many subsets does a  $5$-element\nset have?", "answer": "32"},
+            {"prompt_id": "p1", "question": "What is 2 + 3?", "answer": "5"},
+            {"prompt_id": "p2", "question": "what is $7\\cdot 11\\cdot 13$ modulo $1000$?", "answer": "1"}]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # aime25's fixture asks p0 and p2 (its third and second rows); suite size 1 evaluates only its first row, yet the
+    # whole benchmark is kept out of training
+    cfg = suite_cfg(tmp_path, size=1)
+    assert [r.prompt_id for r in load_prompt_records(cfg, str(pool))] == ["p1"]
+    assert [r.prompt_id for r in load_prompt_records(eval_cfg(), str(pool))] == ["p0", "p1", "p2"]  # no suite
+
+
 # ------------------------------------------------------------------------------------------------ actor
 
 
