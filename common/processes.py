@@ -2,7 +2,8 @@
 
 Children are started as plain `python -m <module> ...` so any role can equally be run by hand or under a debugger.
 On Linux each child asks the kernel to SIGTERM it if the supervisor dies (PR_SET_PDEATHSIG), so even a
-`kill -9` of the supervisor leaves no orphans.
+`kill -9` of the supervisor leaves no orphans. Each child leads a process group of its own: Ctrl-C in a terminal
+signals the supervisor only, and the supervisor's ordered shutdown stops the roles.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _child_setup() -> None:
+    """In the child before it runs: a process group of its own, so that a terminal's Ctrl-C (SIGINT to the
+    foreground group) reaches the supervisor alone, which stops the roles in order (learner, actors, buffer: none
+    waits out a timeout on a role already gone); and, on Linux, death with the parent."""
+    os.setpgrp()
+    if sys.platform.startswith("linux"):
+        die_with_parent()
+
+
 class RoleProcess:
     """A supervised child: start, restart, poll, terminate, with stdout+stderr in `log_path`."""
 
@@ -47,10 +57,9 @@ class RoleProcess:
         log.write(f"\n=== start {self.name} (restart {self.restarts}) at {time.ctime()} ===\n".encode())
         log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        preexec = die_with_parent if sys.platform.startswith("linux") else None
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     cwd=Path(__file__).resolve().parents[1], preexec_fn=preexec)
+                                     cwd=Path(__file__).resolve().parents[1], preexec_fn=_child_setup)
         log.close()
 
     def restart(self) -> None:

@@ -166,6 +166,28 @@ def test_tiny_preset_learns_accounts_for_every_group_and_leaves_no_process(tmp_p
     assert _processes_mentioning(str(run_dir)) == []
 
 
+def test_ctrl_c_in_a_terminal_stops_the_roles_in_order(tmp_path):
+    """A terminal's Ctrl-C is SIGINT to its whole foreground process group. Only the supervisor may be in it: were
+    the roles there too, the buffer would stop at once and the learner would wait out its lost-buffer timeout
+    (~30 s) and checkpoint without a buffer snapshot."""
+    run_dir = tmp_path / "ctrl-c"
+    cmd = _command(tmp_path, "ctrl-c", "--learner.total-steps", "1000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # the run leads a group of its own, as a terminal's job does
+    try:
+        _wait_for_step(run_dir, 5, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "buffer lost" not in learner_log, learner_log[-2000:]
+    assert "stopped at version" in learner_log and "; buffer snapshot: " in learner_log
+    assert "; buffer snapshot: not asked" not in learner_log
+    assert _processes_mentioning(str(run_dir)) == []
+    _assert_accounted(_final_counters(run_dir))
+
+
 def test_actor_killed_is_restarted_and_its_lease_reissued(tmp_path):
     run_dir = tmp_path / "kill-actor"
     cmd = _command(tmp_path, "kill-actor", "--buffer.lease-timeout-s", "4", "--learner.total-steps", "16",
