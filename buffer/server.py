@@ -121,10 +121,9 @@ def without_suite_questions(cfg: Config, records: list[PromptRecord]) -> list[Pr
     if not cfg.run.eval_suite:
         return records
     from buffer.evaluation import suite_prompts
-    from common.tasks import question_key
+    from common.tasks import without_questions
 
-    asked = {question_key(p.question) for p in suite_prompts(cfg.run.eval_suite, 0)}
-    kept = [r for r in records if question_key(r.question) not in asked]
+    kept = without_questions(records, (p.question for p in suite_prompts(cfg.run.eval_suite, 0)))
     if len(kept) < len(records):
         log.info("%d training prompt(s) dropped: their question is in a benchmark of suite %s",
                  len(records) - len(kept), cfg.run.eval_suite)

@@ -49,11 +49,12 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
 from common.config import TaskConfig
 
 Split = Literal["train", "eval"]
+Asking = TypeVar("Asking")  # a Prompt, a buffer PromptRecord: anything with a `.question`
 EVAL_SEED_OFFSET = 1_000_003
 _DRAW_LIMIT = 64
 
@@ -323,20 +324,19 @@ def _known_map_key(name: str) -> str:
 def load_hf_prompts(task: TaskConfig, split: Split) -> HfLoad:
     """Prompts of `split` from the training or evaluation dataset of a source = hf task."""
     shared = not task.eval_split and task.eval_name in ("", task.name)  # evaluation holds out training rows
-    name = (task.eval_name or task.name) if split == "eval" else task.name
-    dataset_split = (task.eval_split or task.split) if split == "eval" else task.split
+    eval_name, eval_split = task.eval_name or task.name, task.eval_split or task.split
+    name, dataset_split = (eval_name, eval_split) if split == "eval" else (task.name, task.split)
     loaded = _hf_rows_to_prompts(task, name, dataset_split, split)
     prompts, dropped = loaded.prompts, 0
     if shared:
         prompts = [prompts[i] for i in _hold_out_rows(prompts, task, split)]
     elif split == "train" and task.eval_size:
-        evaluation = _hf_rows_to_prompts(task, task.eval_name or task.name, task.eval_split or task.split, "eval")
-        evaluated = {question_key(p.question) for p in evaluation.prompts}  # the whole split, not the sample
-        kept = [p for p in prompts if question_key(p.question) not in evaluated]
+        evaluation = _hf_rows_to_prompts(task, eval_name, eval_split, "eval").prompts  # the whole split
+        kept = without_questions(prompts, (p.question for p in evaluation))
         prompts, dropped = kept, len(prompts) - len(kept)
         if dropped:
             _log.info("%s [%s]: %d training row(s) dropped: their question is in the evaluation split %s [%s]",
-                      name, dataset_split, dropped, task.eval_name or task.name, task.eval_split or task.split)
+                      name, dataset_split, dropped, eval_name, eval_split)
     if split == "eval":
         prompts = seeded_sample(prompts, task.eval_size, task.seed + EVAL_SEED_OFFSET)
     elif task.size:
@@ -348,6 +348,12 @@ def question_key(question: str) -> str:
     """What two questions share when they are the same question: the text with runs of whitespace made one space,
     case folded."""
     return " ".join(question.split()).casefold()
+
+
+def without_questions(items: list[Asking], questions: Iterable[str]) -> list[Asking]:
+    """`items` (each with a `.question`) less those that ask one of `questions`, compared by `question_key`."""
+    asked = {question_key(q) for q in questions}
+    return [item for item in items if question_key(item.question) not in asked]
 
 
 def seeded_sample(prompts: list[Prompt], size: int, seed: int) -> list[Prompt]:
@@ -490,12 +496,10 @@ def extract_answer(text: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
-    if last is None or _OPERAND_BEFORE.search(text, 0, last.start()):
+    numbers = list(_NUMBER.finditer(text))
+    if not numbers or _OPERAND_BEFORE.search(text, 0, numbers[-1].start()):
         return None
-    return last.group().replace(",", "")
+    return numbers[-1].group().replace(",", "")
 
 
 def _last_boxed(text: str) -> str | None:
