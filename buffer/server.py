@@ -644,8 +644,8 @@ def main(argv: list[str] | None = None) -> None:
     own, rest = _split_argv(list(sys.argv[1:] if argv is None else argv))
     cfg = parse_cli(rest, description="The replay buffer service (--run-dir DIR, --prompts-jsonl FILE).")
     snapshot_path = snapshot_path_for(cfg, own.run_dir)
-    prompts = load_prompt_records(cfg, own.prompts_jsonl)
-    try:
+    try:  # a bad prompts file or task, a suite benchmark that cannot be read, an unusable snapshot
+        prompts = load_prompt_records(cfg, own.prompts_jsonl)
         state = restore_or_create(cfg, prompts, snapshot_path, load_eval_prompt_records(cfg))
     except ValueError as exc:
         raise SystemExit(f"buffer: {exc}") from None

@@ -122,6 +122,23 @@ def test_a_benchmark_that_cannot_be_loaded_stops_the_buffer_naming_it(tmp_path):
 
 
 @pytest.mark.integration
+def test_the_buffer_process_names_a_benchmark_it_cannot_read_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    suite = json.loads(local_suite_file(tmp_path).read_text())
+    suite["benchmarks"][2]["dataset"] = str(tmp_path / "missing")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(suite))
+    out = subprocess.run([sys.executable, "-m", "buffer.server", "--preset", "tiny", "--run.eval-suite", str(bad),
+                          "--buffer.address", "tcp://127.0.0.1:0"], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("buffer: benchmark amc23: dataset ")
+
+
+@pytest.mark.integration
 def test_the_training_pool_leaves_out_every_question_a_benchmark_asks(tmp_path):
     from buffer.server import load_prompt_records
 
