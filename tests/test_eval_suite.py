@@ -29,6 +29,15 @@ def suite_cfg(tmp_path, size=2, **run):
                                                 "eval_suite_size": size})
 
 
+def suite_with_a_missing_amc23(tmp_path):
+    """The local math6 suite file with amc23's dataset pointing at a directory that does not exist."""
+    suite = json.loads(local_suite_file(tmp_path).read_text())
+    suite["benchmarks"][2]["dataset"] = str(tmp_path / "missing")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(suite))
+    return bad
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
@@ -112,11 +121,7 @@ def test_the_buffer_serves_the_suite_tagged_by_benchmark_and_writes_per_benchmar
 def test_a_benchmark_that_cannot_be_loaded_stops_the_buffer_naming_it(tmp_path):
     from common.tasks import TaskError
 
-    suite = json.loads(local_suite_file(tmp_path).read_text())
-    suite["benchmarks"][2]["dataset"] = str(tmp_path / "missing")
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(suite))
-    cfg = with_overrides(eval_cfg(), run={"eval_suite": str(bad)})
+    cfg = with_overrides(eval_cfg(), run={"eval_suite": str(suite_with_a_missing_amc23(tmp_path))})
     with pytest.raises(TaskError, match="benchmark amc23"):
         BufferState(cfg, make_prompts(4), now=time.monotonic())
 
@@ -127,10 +132,7 @@ def test_the_buffer_process_names_a_benchmark_it_cannot_read_in_one_line(tmp_pat
     import sys
     from pathlib import Path
 
-    suite = json.loads(local_suite_file(tmp_path).read_text())
-    suite["benchmarks"][2]["dataset"] = str(tmp_path / "missing")
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(suite))
+    bad = suite_with_a_missing_amc23(tmp_path)
     out = subprocess.run([sys.executable, "-m", "buffer.server", "--preset", "tiny", "--run.eval-suite", str(bad),
                           "--buffer.address", "tcp://127.0.0.1:0"], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=120)
