@@ -200,3 +200,20 @@ def test_failed_run_names_its_log(tmp_path):
         _runs.launch(cmd, tmp_path / "bad", timeout_s=30)
     assert "boom" in str(info.value)  # the log's tail is in the message
     assert not _runs.completed(tmp_path / "bad")
+
+
+def test_rescore_heldout_scores_saved_answers_with_the_scorer_as_it_is(tmp_path):
+    from bench import rescore_heldout
+    from common.config import config_to_dict
+
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(PRESETS["cpu-demo"]())))
+    rows = [("Calculate -7 * 0.", "0", "-7 * 0 =", True),        # an echo, scored correct when it was saved
+            ("Calculate 2 * 3.", "6", "2 * 3 equals 6.", True),
+            ("Calculate 4 - 1.", "3", "4 - 1 equals 3.", False),  # saved as wrong, right now: gained
+            ("Calculate 5 + 5.", "10", "5 + 5 equals 11.", False)]
+    saved = tmp_path / "heldout512.json"
+    saved.write_text(json.dumps({"checkpoint": str(tmp_path / "checkpoints" / "step_00000001"), "per_prompt": [
+        {"prompt_id": f"basic_arithmetic-eval-{i}", "question": q, "answer": a, "greedy_response": text,
+         "greedy_correct": ok, "sampled_correct": 0} for i, (q, a, text, ok) in enumerate(rows)]}))
+    # saved 2 of 4 correct; now the echo is wrong and "4 - 1 equals 3." right: still 2 of 4, 1 lost, 1 gained
+    assert rescore_heldout.rescore(saved) == {"prompts": 4, "saved": 0.5, "now": 0.5, "lost": 1, "gained": 1}
